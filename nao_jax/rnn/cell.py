@@ -1,0 +1,423 @@
+"""The NAO / DARTS recurrent cell (spec §2.4) as pure functions.
+
+One time step with input ``x`` and previous hidden state ``h`` (masks ``m_x``, ``m_h`` are the
+per-sequence variational-dropout masks; all ones in evaluation)::
+
+  [c0 | g0] = [x * m_x ; h * m_h] @ W0                 W0: float32[E + H, 2H], no bias
+  s0        = h + sigmoid(c0) * (tanh(g0) - h)
+  [c | g]   = (s_p * m_h) @ W_i                        W_i: float32[H, 2H], no bias, node i = 1..11
+  s_i       = s_p + sigmoid(c) * (f_a(g) - s_p)        p = pred of node i, f_a its activation
+  h_t       = mean(s_1 .. s_11)                        ('exclude_s0'; 'include_s0' adds s_0)
+
+Two builders share these equations and are tested to compute the same function:
+
+* The **fixed cell** (final training) turns an architecture into a static ``CellPlan`` at trace
+  time. ``fixed_recurrence`` is the fast path: ``x @ W0[:E]`` for all time steps is one matmul
+  outside the time loop, nodes that read the same predecessor share one matmul (their weights are
+  concatenated along the output axis), and a hand-written VJP keeps only data gradients inside the
+  reverse time loop; every weight gradient is one ``[H, T*B] @ [T*B, k*2H]`` matmul after it.
+  ``fixed_cell_step`` is the same step written plainly (one matmul per node, autodiff).
+* The **weight-sharing cell** (WS-RNN supernet, spec §5.3) takes the architecture as traced
+  ``int32[11, 2]`` data, so one compilation serves every architecture. Node ``i`` (0-based) owns
+  ``4 * (i + 1)`` blocks of ``float32[H, 2H]``, one per (predecessor, activation), block
+  ``pred * 4 + act`` as in the reference; all 264 blocks are stacked in one array. The 11 blocks
+  of an architecture are gathered once per call (the architecture is constant over the window),
+  the predecessor is read from a stacked state buffer with a dynamic index, and the activation is
+  a select over all four candidates (no ``lax.switch`` inside the scan).
+
+Activation ids mean nothing without a mapping: every builder takes the tuple of activation names
+(``space.activations`` of ``nao_jax.spaces.rnn``) explicitly.
+
+Shapes: ``T`` time steps, ``B`` batch, ``E`` input (embedding) size, ``H`` hidden size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+STEPS = 11
+NUM_ACTIVATIONS = 4
+OUTPUT_AVERAGES = ('exclude_s0', 'include_s0')
+
+Array = jax.Array
+Params = dict[str, Array]
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    'tanh': jnp.tanh,
+    'relu': jax.nn.relu,
+    'identity': lambda v: v,
+    'sigmoid': jax.nn.sigmoid,
+}
+
+
+def _activation_grad(name: str, out: Array) -> Array:
+  """Derivative of activation ``name`` expressed through its output (saves storing inputs)."""
+  if name == 'tanh':
+    return 1.0 - out * out
+  if name == 'sigmoid':
+    return out * (1.0 - out)
+  if name == 'relu':
+    return (out > 0).astype(out.dtype)  # jax.nn.relu also uses 0 at 0
+  if name == 'identity':
+    return jnp.ones_like(out)
+  raise ValueError(f'unknown activation {name!r}')
+
+
+def _check_activations(activations: Sequence[str]) -> tuple[str, ...]:
+  activations = tuple(activations)
+  unknown = [a for a in activations if a not in ACTIVATIONS]
+  if unknown or len(activations) != NUM_ACTIVATIONS:
+    raise ValueError(f'activations must be {NUM_ACTIVATIONS} names from {sorted(ACTIVATIONS)}, '
+                     f'got {activations}')
+  return activations
+
+
+def _output_nodes(output_average: str) -> tuple[int, ...]:
+  if output_average not in OUTPUT_AVERAGES:
+    raise ValueError(f'output_average must be one of {OUTPUT_AVERAGES}, got {output_average!r}')
+  return tuple(range(0 if output_average == 'include_s0' else 1, STEPS + 1))
+
+
+# -- parameters ----------------------------------------------------------------------------------
+
+
+def init_fixed_cell(key: Array, emb_size: int, hidden_size: int,
+                    init_range: float = 0.04) -> Params:
+  """Uniform(±init_range) weights of a fixed cell (reference init, spec §6.8).
+
+  Returns:
+    ``{'w0': float32[E + H, 2H], 'w': float32[11, H, 2H]}``; ``w[i]`` belongs to node ``s_{i+1}``.
+  """
+  k0, k1 = jax.random.split(key)
+  h2 = 2 * hidden_size
+  return {
+      'w0': jax.random.uniform(k0, (emb_size + hidden_size, h2), jnp.float32,
+                               -init_range, init_range),
+      'w': jax.random.uniform(k1, (STEPS, hidden_size, h2), jnp.float32, -init_range, init_range),
+  }
+
+
+def num_ws_blocks(num_activations: int = NUM_ACTIVATIONS) -> int:
+  """Number of ``[H, 2H]`` blocks of the WS cell: ``num_activations * (1 + 2 + ... + 11)``."""
+  return num_activations * STEPS * (STEPS + 1) // 2
+
+
+def init_ws_cell(key: Array, emb_size: int, hidden_size: int,
+                 init_range: float = 0.04) -> Params:
+  """Uniform(±init_range) weights of the weight-sharing cell.
+
+  Returns:
+    ``{'w0': float32[E + H, 2H], 'w': float32[264, H, 2H]}``; see ``ws_block_index``.
+  """
+  k0, k1 = jax.random.split(key)
+  h2 = 2 * hidden_size
+  return {
+      'w0': jax.random.uniform(k0, (emb_size + hidden_size, h2), jnp.float32,
+                               -init_range, init_range),
+      'w': jax.random.uniform(k1, (num_ws_blocks(), hidden_size, h2), jnp.float32,
+                              -init_range, init_range),
+  }
+
+
+def ws_block_index(arch: Array) -> Array:
+  """Row of ``params['w']`` used by each node of ``arch`` in the weight-sharing cell.
+
+  Node ``i`` (0-based) starts at ``4 * i * (i + 1) / 2`` (the blocks of nodes ``0..i-1``); inside
+  it, block ``pred * 4 + act`` as the reference's per-node ``(4 (i+1) H) x 2H`` matrix.
+
+  Args:
+    arch: ``int32[11, 2]`` rows ``[pred, act]`` (numpy or traced).
+
+  Returns:
+    ``int32[11]``.
+  """
+  arch = jnp.asarray(arch, jnp.int32)
+  node = jnp.arange(STEPS, dtype=jnp.int32)
+  start = NUM_ACTIVATIONS * node * (node + 1) // 2
+  return start + arch[:, 0] * NUM_ACTIVATIONS + arch[:, 1]
+
+
+def ws_gather(params: Params, arch: Array) -> Params:
+  """The fixed-cell weights ``{'w0', 'w': float32[11, H, 2H]}`` that ``arch`` uses in the supernet."""
+  return {'w0': params['w0'], 'w': jnp.take(params['w'], ws_block_index(arch), axis=0)}
+
+
+# -- the plain step (reference for the fast paths) -----------------------------------------------
+
+
+def _highway(s_prev: Array, pre: Array, act: Callable[[Array], Array]) -> Array:
+  hidden = s_prev.shape[-1]
+  c = jax.nn.sigmoid(pre[..., :hidden])
+  return s_prev + c * (act(pre[..., hidden:]) - s_prev)
+
+
+def fixed_cell_step(params: Params, arch: np.ndarray, activations: Sequence[str], x: Array,
+                    h_prev: Array, m_x: Array | None = None, m_h: Array | None = None,
+                    output_average: str = 'exclude_s0') -> Array:
+  """One time step written plainly: one matmul per node, differentiated by JAX.
+
+  Args:
+    params: ``{'w0': float32[E + H, 2H], 'w': float32[11, H, 2H]}``.
+    arch: ``int[11, 2]`` concrete architecture.
+    activations: the 4 activation names of the architecture's id mapping.
+    x: ``float32[B, E]``.
+    h_prev: ``float32[B, H]``.
+    m_x: ``float32[B, E]`` dropout mask on ``x`` (scaled by 1/keep), or None.
+    m_h: ``float32[B, H]`` dropout mask on ``h_prev`` and every ``s_p``, or None.
+    output_average: ``'exclude_s0'`` (final models) or ``'include_s0'`` (WS-RNN supernet).
+
+  Returns:
+    ``float32[B, H]`` the new hidden state (= cell output).
+  """
+  activations = _check_activations(activations)
+  arch = np.asarray(arch)
+  mx = x if m_x is None else x * m_x
+  mh = h_prev if m_h is None else h_prev * m_h
+  states = [_highway(h_prev, jnp.concatenate([mx, mh], -1) @ params['w0'], jnp.tanh)]
+  for i in range(STEPS):
+    s_p = states[int(arch[i, 0])]
+    a = s_p if m_h is None else s_p * m_h
+    states.append(_highway(s_p, a @ params['w'][i], ACTIVATIONS[activations[int(arch[i, 1])]]))
+  return jnp.mean(jnp.stack([states[j] for j in _output_nodes(output_average)]), 0)
+
+
+# -- fixed cell: static plan, fused matmuls, hand-written VJP ------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CellPlan:
+  """Static structure of a fixed cell.
+
+  Attributes:
+    preds: predecessor state index of nodes ``s_1..s_11``.
+    acts: activation name of nodes ``s_1..s_11``.
+    output_nodes: state indices averaged into the output.
+    groups: ``(pred, (node, ...))`` sorted by ``pred``; the nodes of a group read the same state
+      and share one matmul. Processing groups in this order respects the data dependencies
+      (a node's predecessor has a smaller index than the node).
+  """
+
+  preds: tuple[int, ...]
+  acts: tuple[str, ...]
+  output_nodes: tuple[int, ...]
+  groups: tuple[tuple[int, tuple[int, ...]], ...]
+
+
+def make_plan(arch, activations: Sequence[str], output_average: str = 'exclude_s0',
+              fuse: bool = True) -> CellPlan:
+  """Builds the static plan of a concrete architecture.
+
+  Args:
+    arch: ``int[11, 2]`` rows ``[pred, act]``.
+    activations: the 4 activation names of the id mapping (``space.activations``).
+    output_average: ``'exclude_s0'`` or ``'include_s0'``.
+    fuse: group nodes with the same predecessor into one matmul (exact; off only to measure).
+
+  Raises:
+    ValueError: malformed architecture or mapping.
+  """
+  activations = _check_activations(activations)
+  arch = np.asarray(arch)
+  if arch.shape != (STEPS, 2):
+    raise ValueError(f'arch must have shape ({STEPS}, 2), got {arch.shape}')
+  preds = tuple(int(p) for p in arch[:, 0])
+  for i, p in enumerate(preds):
+    if not 0 <= p <= i:
+      raise ValueError(f'node s{i + 1} reads s{p}; allowed s0..s{i}')
+  acts = tuple(activations[int(a)] for a in arch[:, 1])
+  if fuse:
+    groups = tuple((p, tuple(i + 1 for i in range(STEPS) if preds[i] == p))
+                   for p in sorted(set(preds)))
+  else:
+    groups = tuple((p, (i + 1,)) for i, p in enumerate(preds))
+  return CellPlan(preds, acts, _output_nodes(output_average), groups)
+
+
+def _group_weights(plan: CellPlan, w: Array) -> list[Array]:
+  """``float32[H, k * 2H]`` per group: the group's node weights side by side."""
+  return [jnp.concatenate([w[n - 1] for n in nodes], -1) if len(nodes) > 1 else w[nodes[0] - 1]
+          for _, nodes in plan.groups]
+
+
+def _masked(v: Array, m: Array | None) -> Array:
+  return v if m is None else v * m
+
+
+def _plan_step(plan: CellPlan, w0h: Array, wg: list[Array], m_h: Array | None, h_prev: Array,
+               xc: Array) -> tuple[Array, list[Array], list[Array], list[Array]]:
+  """One step of the fixed cell given ``xc = (x * m_x) @ W0[:E]``.
+
+  Returns:
+    ``(h, states, gates, cands)``; ``states[j]`` is ``s_j``, ``gates[j]`` = sigmoid(c_j) and
+    ``cands[j]`` = f(g_j), ``j = 0..11``; the last two are what the backward pass needs.
+  """
+  hidden = h_prev.shape[-1]
+  pre0 = xc + _masked(h_prev, m_h) @ w0h
+  c0 = jax.nn.sigmoid(pre0[:, :hidden])
+  g0 = jnp.tanh(pre0[:, hidden:])
+  states: list = [h_prev + c0 * (g0 - h_prev)] + [None] * STEPS
+  gates: list = [c0] + [None] * STEPS
+  cands: list = [g0] + [None] * STEPS
+  for (p, nodes), w in zip(plan.groups, wg):
+    s_p = states[p]
+    pre = _masked(s_p, m_h) @ w
+    for k, n in enumerate(nodes):
+      c = jax.nn.sigmoid(pre[:, 2 * k * hidden:(2 * k + 1) * hidden])
+      g = ACTIVATIONS[plan.acts[n - 1]](pre[:, (2 * k + 1) * hidden:(2 * k + 2) * hidden])
+      states[n], gates[n], cands[n] = s_p + c * (g - s_p), c, g
+  h = sum(states[j] for j in plan.output_nodes) / len(plan.output_nodes)
+  return h, states, gates, cands
+
+
+def _scan_forward(plan, w0h, w, xc, h0, m_h, save: bool):
+  wg = _group_weights(plan, w)
+
+  def step(h_prev, xc_t):
+    h, states, gates, cands = _plan_step(plan, w0h, wg, m_h, h_prev, xc_t)
+    if not save:
+      return h, h
+    return h, (h, jnp.stack(states), jnp.stack(gates), jnp.stack(cands))
+
+  return jax.lax.scan(step, h0, xc)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused_recurrence(plan: CellPlan, w0h: Array, w: Array, xc: Array, h0: Array,
+                      m_h: Array | None) -> Array:
+  return _scan_forward(plan, w0h, w, xc, h0, m_h, save=False)[1]
+
+
+def _fused_fwd(plan, w0h, w, xc, h0, m_h):
+  _, (hs, states, gates, cands) = _scan_forward(plan, w0h, w, xc, h0, m_h, save=True)
+  h_prevs = jnp.concatenate([h0[None], hs[:-1]], 0)
+  return hs, (w0h, w, h_prevs, states, gates, cands, m_h)
+
+
+def _fused_bwd(plan, res, d_hs):
+  """Reverse time loop with data gradients only; weight gradients as big matmuls afterwards."""
+  w0h, w, h_prevs, states, gates, cands, m_h = res
+  wg_t = [g.T for g in _group_weights(plan, w)]  # transposed once, outside the loop
+  w0h_t = w0h.T
+  n_out = len(plan.output_nodes)
+
+  def step(dh_next, xs):
+    d_out, h_prev, s, c, g = xs
+    dh = d_out + dh_next
+    ds = [jnp.zeros_like(dh) if j not in plan.output_nodes else dh / n_out
+          for j in range(STEPS + 1)]
+    dpres = []
+    for (p, nodes), w_t in reversed(list(zip(plan.groups, wg_t))):
+      parts = []
+      for n in nodes:  # ds[n] is complete: nodes reading s_n come later and were done first
+        dc = ds[n] * (g[n] - s[p])
+        ds[p] = ds[p] + ds[n] * (1.0 - c[n])
+        parts += [dc * c[n] * (1.0 - c[n]),
+                  ds[n] * c[n] * _activation_grad(plan.acts[n - 1], g[n])]
+      dpre = jnp.concatenate(parts, -1)
+      ds[p] = ds[p] + _masked(dpre @ w_t, m_h)
+      dpres.append(dpre)
+    dc0 = ds[0] * (g[0] - h_prev)
+    dpre0 = jnp.concatenate([dc0 * c[0] * (1.0 - c[0]), ds[0] * c[0] * (1.0 - g[0] * g[0])], -1)
+    dh_prev = ds[0] * (1.0 - c[0]) + _masked(dpre0 @ w0h_t, m_h)
+    return dh_prev, (dpre0, tuple(reversed(dpres)))
+
+  dh0, (dpre0, dpres) = jax.lax.scan(step, jnp.zeros_like(d_hs[0]),
+                                     (d_hs, h_prevs, states, gates, cands), reverse=True)
+
+  def weight_grad(inputs, dpre):  # sum over time and batch: one [H, T*B] @ [T*B, K] matmul
+    inputs = _masked(inputs, m_h)
+    return jnp.einsum('tbh,tbk->hk', inputs, dpre)
+
+  dw0h = weight_grad(h_prevs, dpre0)
+  dw = [None] * STEPS
+  hidden = w.shape[1]
+  for (p, nodes), dpre in zip(plan.groups, dpres):
+    dwg = weight_grad(states[:, p], dpre)
+    for k, n in enumerate(nodes):
+      dw[n - 1] = dwg[:, 2 * k * hidden:(2 * k + 2) * hidden]
+  dm_h = None if m_h is None else jnp.zeros_like(m_h)  # masks are constants
+  return dw0h, jnp.stack(dw), dpre0, dh0, dm_h
+
+
+_fused_recurrence.defvjp(_fused_fwd, _fused_bwd)
+
+
+def fixed_recurrence(params: Params, plan: CellPlan, xs: Array, h0: Array,
+                     m_x: Array | None = None, m_h: Array | None = None) -> Array:
+  """Runs the fixed cell over a window (fast path, see the module docstring).
+
+  Args:
+    params: ``{'w0': float32[E + H, 2H], 'w': float32[11, H, 2H]}``.
+    plan: from ``make_plan``.
+    xs: ``float32[T, B, E]`` inputs.
+    h0: ``float32[B, H]`` hidden state before the window.
+    m_x: ``float32[B, E]`` mask on the inputs (constant over time), or None.
+    m_h: ``float32[B, H]`` mask on ``h_prev`` and every ``s_p``, or None.
+
+  Returns:
+    ``float32[T, B, H]`` hidden states (= outputs); the last row is the state to carry.
+  """
+  emb = xs.shape[-1]
+  xc = _masked(xs, m_x) @ params['w0'][:emb]  # one [T*B, E] @ [E, 2H] matmul for all steps
+  return _fused_recurrence(plan, params['w0'][emb:], params['w'], xc, h0, m_h)
+
+
+# -- weight-sharing cell: architecture as data ---------------------------------------------------
+
+
+def _select_activation(v: Array, act_id: Array, activations: tuple[str, ...]) -> Array:
+  """``f_{act_id}(v)`` for a traced id: all four candidates, then a select chain."""
+  out = ACTIVATIONS[activations[-1]](v)
+  for k in range(len(activations) - 2, -1, -1):
+    out = jnp.where(act_id == k, ACTIVATIONS[activations[k]](v), out)
+  return out
+
+
+def ws_recurrence(params: Params, arch: Array, activations: Sequence[str], xs: Array, h0: Array,
+                  m_x: Array | None = None, m_h: Array | None = None,
+                  output_average: str = 'exclude_s0') -> Array:
+  """Runs the weight-sharing cell over a window; ``arch`` is data (one compile for all archs).
+
+  Args:
+    params: ``{'w0': float32[E + H, 2H], 'w': float32[264, H, 2H]}``.
+    arch: ``int32[11, 2]`` rows ``[pred, act]`` (may be traced).
+    activations: the 4 activation names of the id mapping (``space.activations``).
+    xs: ``float32[T, B, E]``.
+    h0: ``float32[B, H]``.
+    m_x: ``float32[B, E]`` or None.
+    m_h: ``float32[B, H]`` or None.
+    output_average: ``'exclude_s0'`` (default: the final model's mean over ``s_1..s_11``, which
+      removes the reference's search/eval mismatch, spec §9.1 #16) or ``'include_s0'`` (the
+      WS-RNN reference, mean over ``s_0..s_11``).
+
+  Returns:
+    ``float32[T, B, H]``.
+  """
+  activations = _check_activations(activations)
+  out_nodes = _output_nodes(output_average)
+  arch = jnp.asarray(arch, jnp.int32)
+  emb = xs.shape[-1]
+  hidden = h0.shape[-1]
+  w = ws_gather(params, arch)['w']  # the window uses one architecture: gather once, not per step
+  w0h = params['w0'][emb:]
+  xc = _masked(xs, m_x) @ params['w0'][:emb]
+
+  def step(h_prev, xc_t):
+    buf = jnp.zeros((STEPS + 1,) + h_prev.shape, h_prev.dtype)
+    buf = buf.at[0].set(_highway(h_prev, xc_t + _masked(h_prev, m_h) @ w0h, jnp.tanh))
+    for i in range(STEPS):
+      s_p = jax.lax.dynamic_index_in_dim(buf, arch[i, 0], keepdims=False)
+      pre = _masked(s_p, m_h) @ w[i]
+      c = jax.nn.sigmoid(pre[:, :hidden])
+      g = _select_activation(pre[:, hidden:], arch[i, 1], activations)
+      buf = buf.at[i + 1].set(s_p + c * (g - s_p))
+    h = jnp.mean(buf[out_nodes[0]:], 0)
+    return h, h
+
+  return jax.lax.scan(step, h0, xc)[1]
