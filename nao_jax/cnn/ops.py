@@ -1,0 +1,400 @@
+"""CNN op library shared by the fixed-architecture network and the weight-sharing supernet.
+
+Every op is a pair of pure functions over explicit pytrees (spec §6.2, PT-V1 ``operations.py``):
+
+* ``init(key, c_in, c_out, stride) -> (params, stats)``: trainable parameters and BatchNorm
+  running statistics, as two nested dicts of the same layout (a BatchNorm at ``params['bn']`` =
+  ``{'scale', 'bias'}`` has its statistics at ``stats['bn']`` = ``{'mean', 'var'}``).
+* ``apply(params, stats, x, *, stride, train) -> (y, stats)``: ``x`` is ``float32[B, H, W, C]``
+  (NHWC); ``train=True`` normalises with batch statistics and returns updated running
+  statistics, ``train=False`` uses (and returns unchanged) the running ones.
+
+Keeping the statistics apart from the parameters is what lets the supernet reuse this math: it
+gathers per-(node, branch, input index, op) parameters with a dynamic index and passes a shared
+set of running statistics (PT's WSBN: per-input affine, shared mean/var, spec §5.2).
+
+Ops are looked up by id through ``op_table(space.ops)``: the same name can mean different math in
+the two spaces (``avg_pool_3x3`` counts padded zeros in the 11-op space but not in the 5-op one).
+
+Layouts: conv kernels ``float32[KH, KW, C_in / groups, C_out]`` (HWIO), linear kernels
+``float32[C_in, C_out]``. Initialisation follows PyTorch as NAO_V1 sets it: kaiming-normal
+(fan_in, gain sqrt(2)) for every tensor with >= 2 dims, BN scale 1 / bias 0, linear bias
+uniform(+-1/sqrt(fan_in)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Params = dict[str, Any]
+Stats = dict[str, Any]
+
+BN_MOMENTUM = 0.9  # JAX convention: new = m * old + (1 - m) * batch; PT momentum 0.1.
+BN_EPS = 1e-5
+_DIMS = ('NHWC', 'HWIO', 'NHWC')
+
+
+# -- initialisers ---------------------------------------------------------------------------------
+
+
+def kaiming_normal(key: jax.Array, shape: Sequence[int], fan_in: int) -> jax.Array:
+  """PyTorch ``kaiming_normal_`` (mode fan_in, ReLU gain): N(0, 2 / fan_in)."""
+  return jax.random.normal(key, tuple(shape), jnp.float32) * math.sqrt(2.0 / fan_in)
+
+
+def conv_init(key: jax.Array, kh: int, kw: int, c_in: int, c_out: int,
+              groups: int = 1) -> jax.Array:
+  """Returns a kaiming-normal conv kernel ``float32[kh, kw, c_in / groups, c_out]``."""
+  return kaiming_normal(key, (kh, kw, c_in // groups, c_out), kh * kw * (c_in // groups))
+
+
+def linear_init(key: jax.Array, c_in: int, c_out: int) -> Params:
+  """PyTorch ``nn.Linear`` as NAO_V1 initialises it: kaiming-normal kernel, default bias."""
+  k_w, k_b = jax.random.split(key)
+  bound = 1.0 / math.sqrt(c_in)
+  return {'kernel': kaiming_normal(k_w, (c_in, c_out), c_in),
+          'bias': jax.random.uniform(k_b, (c_out,), jnp.float32, -bound, bound)}
+
+
+def linear_apply(params: Params, x: jax.Array) -> jax.Array:
+  """``float32[B, C_in] -> float32[B, C_out]``."""
+  return x @ params['kernel'] + params['bias']
+
+
+# -- primitives -----------------------------------------------------------------------------------
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int | tuple[int, int] = 1,
+           padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0)),
+           groups: int = 1) -> jax.Array:
+  """Cross-correlation in NHWC/HWIO with PyTorch's explicit symmetric padding.
+
+  Explicit padding (not 'SAME') matters at stride 2: 'SAME' pads bottom/right only and would
+  sample different pixels than PyTorch's ``padding=k // 2``.
+  """
+  strides = (stride, stride) if isinstance(stride, int) else tuple(stride)
+  if kernel.shape[:2] == (1, 1) and groups == 1 and padding == ((0, 0), (0, 0)):
+    # A 1x1 conv is a matmul over channels; XLA:CPU runs dot faster than a 1x1 convolution.
+    x = x[:, ::strides[0], ::strides[1], :]
+    return jnp.einsum('bhwc,cd->bhwd', x, kernel[0, 0])
+  return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DIMS,
+                                  feature_group_count=groups)
+
+
+def batch_norm_init(c: int) -> tuple[Params, Stats]:
+  """Affine BatchNorm: ``({'scale', 'bias'}, {'mean', 'var'})``, each ``float32[c]``."""
+  return ({'scale': jnp.ones((c,), jnp.float32), 'bias': jnp.zeros((c,), jnp.float32)},
+          {'mean': jnp.zeros((c,), jnp.float32), 'var': jnp.ones((c,), jnp.float32)})
+
+
+def batch_norm(params: Params, stats: Stats, x: jax.Array, *, train: bool,
+               momentum: float = BN_MOMENTUM, eps: float = BN_EPS) -> tuple[jax.Array, Stats]:
+  """PyTorch ``BatchNorm2d`` over ``float32[..., C]`` (statistics over all but the last axis).
+
+  In training the output uses the biased batch variance while the running variance is updated
+  with the unbiased one, as PyTorch does.
+  """
+  if not train:
+    inv = lax.rsqrt(stats['var'] + eps) * params['scale']
+    return (x - stats['mean']) * inv + params['bias'], stats
+  axes = tuple(range(x.ndim - 1))
+  n = math.prod(x.shape[:-1])
+  mean = jnp.mean(x, axes)
+  var = jnp.maximum(jnp.mean(jnp.square(x), axes) - jnp.square(mean), 0.0)
+  inv = lax.rsqrt(var + eps) * params['scale']
+  y = x * inv + (params['bias'] - mean * inv)
+  unbiased = var * (n / max(n - 1, 1))
+  new_stats = {'mean': momentum * stats['mean'] + (1 - momentum) * lax.stop_gradient(mean),
+               'var': momentum * stats['var'] + (1 - momentum) * lax.stop_gradient(unbiased)}
+  return y, new_stats
+
+
+def max_pool(x: jax.Array, k: int, stride: int, pad: int) -> jax.Array:
+  """``nn.MaxPool2d(k, stride, pad)``: padded positions never win (-inf)."""
+  return lax.reduce_window(x, -jnp.inf, lax.max, (1, k, k, 1), (1, stride, stride, 1),
+                           ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+
+def avg_pool(x: jax.Array, k: int, stride: int, pad: int, count_include_pad: bool) -> jax.Array:
+  """``nn.AvgPool2d(k, stride, pad, count_include_pad=...)``."""
+  window, strides = (1, k, k, 1), (1, stride, stride, 1)
+  padding = ((0, 0), (pad, pad), (pad, pad), (0, 0))
+  total = lax.reduce_window(x, 0.0, lax.add, window, strides, padding)
+  if count_include_pad or pad == 0:
+    return total / (k * k)
+  ones = jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype)
+  count = lax.reduce_window(ones, 0.0, lax.add, window, strides, padding)
+  return total / count
+
+
+def drop_path(x: jax.Array, keep: jax.Array | float, key: jax.Array) -> jax.Array:
+  """Scheduled drop-path: zero whole samples with prob ``1 - keep``, scale the rest by 1/keep."""
+  mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep, 0.0)
+
+
+# -- composite ops: each an (init, apply) pair ----------------------------------------------------
+
+
+def conv_bn_init(key: jax.Array, c_in: int, c_out: int, kh: int, kw: int) -> tuple[Params, Stats]:
+  """Conv (no bias) followed by BN: ``({'conv', 'bn'}, {'bn'})``."""
+  bn_p, bn_s = batch_norm_init(c_out)
+  return {'conv': conv_init(key, kh, kw, c_in, c_out), 'bn': bn_p}, {'bn': bn_s}
+
+
+def relu_conv_bn_apply(params: Params, stats: Stats, x: jax.Array, *, stride: int | tuple,
+                       padding, train: bool) -> tuple[jax.Array, Stats]:
+  """ReLU -> conv -> BN (PT ``ReLUConvBN``)."""
+  y = conv2d(jax.nn.relu(x), params['conv'], stride, padding)
+  y, bn = batch_norm(params['bn'], stats['bn'], y, train=train)
+  return y, {'bn': bn}
+
+
+def factorized_reduce_init(key: jax.Array, c_in: int, c_out: int,
+                           stride: int = 2) -> tuple[Params, Stats]:
+  """Two stride-2 1x1 convs to ``c_out / 2`` each, offset by one pixel, then BN."""
+  del stride
+  if c_out % 2:
+    raise ValueError(f'FactorizedReduce needs an even number of output channels, got {c_out}')
+  k1, k2 = jax.random.split(key)
+  bn_p, bn_s = batch_norm_init(c_out)
+  return ({'conv1': conv_init(k1, 1, 1, c_in, c_out // 2),
+           'conv2': conv_init(k2, 1, 1, c_in, c_out // 2), 'bn': bn_p}, {'bn': bn_s})
+
+
+def factorized_reduce_apply(params: Params, stats: Stats, x: jax.Array, *, stride: int = 2,
+                            train: bool) -> tuple[jax.Array, Stats]:
+  """PT ``FactorizedReduce`` (no ReLU inside): ``float32[B, H, W, C_in] -> [B, H/2, W/2, C_out]``.
+
+  Path 2 sees the image shifted by one pixel (pad bottom/right with zeros, drop the first
+  row/column), so the two halves of the output sample complementary pixels.
+  """
+  del stride
+  shifted = jnp.pad(x[:, 1:, 1:, :], ((0, 0), (0, 1), (0, 1), (0, 0)))
+  y = jnp.concatenate([conv2d(x, params['conv1'], 2), conv2d(shifted, params['conv2'], 2)], -1)
+  y, bn = batch_norm(params['bn'], stats['bn'], y, train=train)
+  return y, {'bn': bn}
+
+
+def sep_conv_init(key: jax.Array, c_in: int, c_out: int, stride: int = 1, *,
+                  kernel: int) -> tuple[Params, Stats]:
+  """PT ``SepConv``: two (dw k x k, pw 1x1, BN) stacks; only the last pw changes channels."""
+  del stride
+  k1, k2, k3, k4 = jax.random.split(key, 4)
+  bn1_p, bn1_s = batch_norm_init(c_in)
+  bn2_p, bn2_s = batch_norm_init(c_out)
+  params = {'dw1': conv_init(k1, kernel, kernel, c_in, c_in, groups=c_in),
+            'pw1': conv_init(k2, 1, 1, c_in, c_in), 'bn1': bn1_p,
+            'dw2': conv_init(k3, kernel, kernel, c_in, c_in, groups=c_in),
+            'pw2': conv_init(k4, 1, 1, c_in, c_out), 'bn2': bn2_p}
+  return params, {'bn1': bn1_s, 'bn2': bn2_s}
+
+
+def sep_conv_apply(params: Params, stats: Stats, x: jax.Array, *, stride: int, train: bool,
+                   kernel: int) -> tuple[jax.Array, Stats]:
+  """ReLU -> dw(k, stride) -> pw -> BN -> ReLU -> dw(k) -> pw -> BN."""
+  p = kernel // 2
+  pad = ((p, p), (p, p))
+  c_in = x.shape[-1]
+  y = conv2d(jax.nn.relu(x), params['dw1'], stride, pad, groups=c_in)
+  y = conv2d(y, params['pw1'])
+  y, bn1 = batch_norm(params['bn1'], stats['bn1'], y, train=train)
+  y = conv2d(jax.nn.relu(y), params['dw2'], 1, pad, groups=c_in)
+  y = conv2d(y, params['pw2'])
+  y, bn2 = batch_norm(params['bn2'], stats['bn2'], y, train=train)
+  return y, {'bn1': bn1, 'bn2': bn2}
+
+
+def conv_init_op(key: jax.Array, c_in: int, c_out: int, stride: int = 1, *,
+                 kernel: int) -> tuple[Params, Stats]:
+  """ReLU-Conv(k x k)-BN (11-op ``conv_1x1`` / ``conv_3x3``)."""
+  del stride
+  return conv_bn_init(key, c_in, c_out, kernel, kernel)
+
+
+def conv_apply_op(params: Params, stats: Stats, x: jax.Array, *, stride: int, train: bool,
+                  kernel: int) -> tuple[jax.Array, Stats]:
+  p = kernel // 2
+  return relu_conv_bn_apply(params, stats, x, stride=stride, padding=((p, p), (p, p)),
+                            train=train)
+
+
+def conv_1k_k1_init(key: jax.Array, c_in: int, c_out: int, stride: int = 1, *,
+                    kernel: int) -> tuple[Params, Stats]:
+  """ReLU-Conv(1 x k)-BN-ReLU-Conv(k x 1)-BN; PT builds both convs C -> C."""
+  del stride
+  if c_in != c_out:
+    raise ValueError(f'conv_1x{kernel}_{kernel}x1 maps C -> C (PT), got {c_in} -> {c_out}')
+  k1, k2 = jax.random.split(key)
+  p1, s1 = conv_bn_init(k1, c_in, c_out, 1, kernel)
+  p2, s2 = conv_bn_init(k2, c_out, c_out, kernel, 1)
+  return {'a': p1, 'b': p2}, {'a': s1, 'b': s2}
+
+
+def conv_1k_k1_apply(params: Params, stats: Stats, x: jax.Array, *, stride: int, train: bool,
+                     kernel: int) -> tuple[jax.Array, Stats]:
+  p = kernel // 2
+  y, sa = relu_conv_bn_apply(params['a'], stats['a'], x, stride=(1, stride),
+                             padding=((0, 0), (p, p)), train=train)
+  y, sb = relu_conv_bn_apply(params['b'], stats['b'], y, stride=(stride, 1),
+                             padding=((p, p), (0, 0)), train=train)
+  return y, {'a': sa, 'b': sb}
+
+
+def no_params_init(key: jax.Array, c_in: int, c_out: int, stride: int = 1) -> tuple[Params, Stats]:
+  """Init of a parameter-free op (pools): checks that it does not need to change channels."""
+  del key, stride
+  if c_in != c_out:
+    raise ValueError(f'a pooling op keeps channels; got {c_in} -> {c_out} (calibrate first)')
+  return {}, {}
+
+
+def pool_apply(params: Params, stats: Stats, x: jax.Array, *, stride: int, train: bool,
+               kind: str, kernel: int, count_include_pad: bool = True) -> tuple[jax.Array, Stats]:
+  """Max/avg pool with padding ``k // 2`` (3x3, 5x5) or, for 2x2, zero-padding bottom/right.
+
+  The 2x2 pools of PT-V1 pad with explicit zeros before pooling (a TF-'SAME'-like output
+  size), so padded zeros take part in both the max and the mean.
+  """
+  del params, train
+  if kernel % 2 == 0:
+    x = jnp.pad(x, ((0, 0), (0, kernel - 1), (0, kernel - 1), (0, 0)))
+    pad = 0
+  else:
+    pad = kernel // 2
+  if kind == 'max':
+    return max_pool(x, kernel, stride, pad), stats
+  return avg_pool(x, kernel, stride, pad, count_include_pad), stats
+
+
+def identity_init(key: jax.Array, c_in: int, c_out: int, stride: int = 1) -> tuple[Params, Stats]:
+  """Identity; at stride 2 a FactorizedReduce (PT), so only then it has parameters."""
+  if stride == 1:
+    return no_params_init(key, c_in, c_out)
+  return factorized_reduce_init(key, c_in, c_out)
+
+
+def identity_apply(params: Params, stats: Stats, x: jax.Array, *, stride: int,
+                   train: bool) -> tuple[jax.Array, Stats]:
+  if stride == 1:
+    return x, stats
+  return factorized_reduce_apply(params, stats, x, train=train)
+
+
+# -- registry -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+  """One candidate operation of a space.
+
+  Attributes:
+    name: the space's op name.
+    init: ``(key, c_in, c_out, stride) -> (params, stats)``.
+    apply: ``(params, stats, x, *, stride, train) -> (y, stats)``.
+    is_identity: True for the identity op (drop-path may exempt it, spec §6.3).
+  """
+  name: str
+  init: Callable[..., tuple[Params, Stats]]
+  apply: Callable[..., tuple[jax.Array, Stats]]
+  is_identity: bool = False
+
+
+def _sep(name: str, k: int) -> Op:
+  return Op(name, functools.partial(sep_conv_init, kernel=k),
+            functools.partial(sep_conv_apply, kernel=k))
+
+
+def _pool(name: str, kind: str, k: int, count_include_pad: bool = True) -> Op:
+  return Op(name, no_params_init,
+            functools.partial(pool_apply, kind=kind, kernel=k, count_include_pad=count_include_pad))
+
+
+IDENTITY = Op('identity', identity_init, identity_apply, is_identity=True)
+
+
+def ws_ops(avg_pool_count_include_pad: bool = False) -> tuple[Op, ...]:
+  """The 5 WS ops in id order. PT's WS ``avg_pool_3x3`` excludes padded zeros."""
+  return (_sep('sep_conv_3x3', 3), _sep('sep_conv_5x5', 5),
+          _pool('avg_pool_3x3', 'avg', 3, avg_pool_count_include_pad),
+          _pool('max_pool_3x3', 'max', 3), IDENTITY)
+
+
+def nao_ops(avg_pool_count_include_pad: bool = True) -> tuple[Op, ...]:
+  """The 11 NAONet ops in id order. PT's 11-op avg pools count padded zeros (TF's do not)."""
+  return (IDENTITY,
+          Op('conv_1x1', functools.partial(conv_init_op, kernel=1),
+             functools.partial(conv_apply_op, kernel=1)),
+          Op('conv_3x3', functools.partial(conv_init_op, kernel=3),
+             functools.partial(conv_apply_op, kernel=3)),
+          Op('conv_1x3_3x1', functools.partial(conv_1k_k1_init, kernel=3),
+             functools.partial(conv_1k_k1_apply, kernel=3)),
+          Op('conv_1x7_7x1', functools.partial(conv_1k_k1_init, kernel=7),
+             functools.partial(conv_1k_k1_apply, kernel=7)),
+          _pool('max_pool_2x2', 'max', 2), _pool('max_pool_3x3', 'max', 3),
+          _pool('max_pool_5x5', 'max', 5),
+          _pool('avg_pool_2x2', 'avg', 2, avg_pool_count_include_pad),
+          _pool('avg_pool_3x3', 'avg', 3, avg_pool_count_include_pad),
+          _pool('avg_pool_5x5', 'avg', 5, avg_pool_count_include_pad))
+
+
+def op_table(op_names: Sequence[str], avg_pool_exclude_pad: bool = False) -> tuple[Op, ...]:
+  """Returns the ops of a space, indexed by op id, from its ``space.ops`` names.
+
+  Args:
+    op_names: ``space.ops`` of the 5-op or the 11-op space.
+    avg_pool_exclude_pad: average only over real pixels in every avg pool, as TF does
+      (spec §6.2); the PT default counts padded zeros in the 11-op space.
+
+  Raises:
+    ValueError: for a list of op names that is neither space.
+  """
+  op_names = tuple(op_names)
+  for table in (ws_ops(avg_pool_count_include_pad=False),
+                nao_ops(avg_pool_count_include_pad=not avg_pool_exclude_pad)):
+    if tuple(op.name for op in table) == op_names:
+      return table
+  raise ValueError(f'no op library for ops {op_names}')
+
+
+def calibrate_init(key: jax.Array, c0: int, c1: int, c: int, *,
+                   reduce_x0: bool) -> tuple[Params, Stats]:
+  """PT ``MaybeCalibrateSize`` for cell inputs with ``c0`` / ``c1`` channels.
+
+  Input 0: if its spatial size is twice input 1's (``reduce_x0``; the previous cell reduced) ->
+  ReLU -> FactorizedReduce to ``c``; elif ``c0 != c`` -> ReLU-1x1-BN. Input 1: if ``c1 != c`` ->
+  ReLU-1x1-BN. Returns params/stats with keys ``'x0'``/``'x1'`` only where a transform exists.
+  """
+  k0, k1 = jax.random.split(key)
+  params, stats = {}, {}
+  if reduce_x0:
+    params['x0'], stats['x0'] = factorized_reduce_init(k0, c0, c)
+  elif c0 != c:
+    params['x0'], stats['x0'] = conv_bn_init(k0, c0, c, 1, 1)
+  if c1 != c:
+    params['x1'], stats['x1'] = conv_bn_init(k1, c1, c, 1, 1)
+  return params, stats
+
+
+def calibrate_apply(params: Params, stats: Stats, s0: jax.Array, s1: jax.Array, *,
+                    train: bool) -> tuple[jax.Array, jax.Array, Stats]:
+  """Applies ``calibrate_init``'s transforms: ``(s0, s1) -> (s0', s1')``, both ``[B, H, W, c]``."""
+  new = {}
+  if 'x0' in params:
+    if s0.shape[1] != s1.shape[1]:
+      s0, new['x0'] = factorized_reduce_apply(params['x0'], stats['x0'], jax.nn.relu(s0),
+                                              train=train)
+    else:
+      s0, new['x0'] = relu_conv_bn_apply(params['x0'], stats['x0'], s0, stride=1,
+                                         padding=((0, 0), (0, 0)), train=train)
+  if 'x1' in params:
+    s1, new['x1'] = relu_conv_bn_apply(params['x1'], stats['x1'], s1, stride=1,
+                                       padding=((0, 0), (0, 0)), train=train)
+  return s0, s1, new
