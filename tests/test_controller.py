@@ -1,0 +1,252 @@
+"""Controller: training, decoding under masks, the embedding-space step, and compile counts."""
+
+import dataclasses
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nao_jax import metrics, spaces
+from nao_jax.controller import (Controller, ControllerConfig, capacity_for, init_controller,
+                                normalize_targets, pad_pool, predict_scores, propose, reconstruct,
+                                reset_optimizer, train_epochs)
+from nao_jax.controller import optimize, train
+
+ALL_SPACES = list(spaces.SPACES.values())
+
+
+def tiny_config(space, **overrides):
+  values = dict(hidden_size=12 if space.tokens_per_step == 3 else 16, mlp_layers=1,
+                mlp_hidden=16, batch_size=20)
+  values.update(overrides)
+  return ControllerConfig.for_space(space, **values)
+
+
+def fit(space, cfg, archs, scores, epochs, seed=0, state=None):
+  targets, direction = normalize_targets(scores, higher_is_better=True)
+  tokens, targets, valid = pad_pool(space.to_tokens(archs), targets,
+                                    capacity_for(len(archs), cfg.batch_size))
+  state = state or init_controller(cfg, jax.random.key(seed))
+  state, stats = train_epochs(state, cfg, tokens, targets, valid,
+                              jnp.asarray(space.swap_permutations()), jnp.int32(epochs),
+                              jax.random.key(seed + 1))
+  return state, stats, direction
+
+
+# -- decoding is always valid -------------------------------------------------------------------
+
+@pytest.mark.parametrize('attention', ['luong', 'bahdanau'])
+@pytest.mark.parametrize('space', ALL_SPACES, ids=lambda s: s.name)
+@hypothesis.settings(max_examples=8)
+@hypothesis.given(seed=st.integers(0, 2**31 - 1), scale=st.floats(0.01, 100.0))
+def test_greedy_decoding_from_arbitrary_embeddings_is_valid(space, attention, seed, scale):
+  cfg = tiny_config(space, attention=attention, init='uniform' if attention == 'bahdanau' else 'pytorch')
+  params = _params(cfg, seed % 4)
+  key = jax.random.key(seed)
+  memory = scale * jax.random.normal(key, (6, cfg.encoder_length, cfg.hidden_size))
+  embedding = scale * jax.random.normal(jax.random.fold_in(key, 1), (6, cfg.hidden_size))
+  tokens = np.asarray(_decode(params, cfg, memory, embedding, jnp.asarray(space.decoder_mask_table())))
+  for seq in tokens:
+    arch = space.from_tokens(seq)  # raises if invalid
+    np.testing.assert_array_equal(space.to_tokens(arch), seq)
+
+
+_PARAMS = {}
+
+
+def _params(cfg, seed):
+  if (cfg, seed) not in _PARAMS:
+    _PARAMS[cfg, seed] = init_controller(cfg, jax.random.key(seed)).params
+  return _PARAMS[cfg, seed]
+
+
+@jax.jit(static_argnames=('cfg',))
+def _decode(params, cfg, memory, embedding, mask_table):
+  return Controller(cfg).apply({'params': params}, memory, embedding, mask_table,
+                               method=Controller.decode_greedy)
+
+
+# -- training -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('attention', ['luong', 'bahdanau'])
+def test_controller_overfits_a_small_pool(attention):
+  space = spaces.WS_SPACE
+  cfg = tiny_config(space, hidden_size=32, mlp_hidden=32, attention=attention, mlp_dropout=0.0,
+                    lr=1e-2, l2=0.0, swap_augment=False)
+  rng = np.random.default_rng(0)
+  archs = space.sample(rng, 16)
+  scores = rng.random(16)
+  state, first, _ = fit(space, cfg, archs, scores, epochs=1)
+  state, last, _ = fit(space, cfg, archs, scores, epochs=300, state=state)
+  assert float(last['loss']) < 0.2 * float(first['loss'])
+  mask = jnp.asarray(space.decoder_mask_table())
+  decoded = reconstruct(state.params, cfg, jnp.asarray(space.to_tokens(archs)), mask)
+  assert metrics.reconstruction_accuracy(space.to_tokens(archs), decoded) == 1.0
+  targets, _ = normalize_targets(scores, True)
+  predicted = predict_scores(state.params, cfg, jnp.asarray(space.to_tokens(archs)))
+  assert metrics.pairwise_accuracy(targets, predicted) > 0.9
+
+
+def test_training_compiles_once_for_any_pool_size_and_epoch_count():
+  space = spaces.NB201_SPACE
+  cfg = tiny_config(space, epochs=3)
+  rng = np.random.default_rng(0)
+  state = init_controller(cfg, jax.random.key(0))
+  before = train.train_epochs._cache_size()
+  for size, epochs in ((7, 2), (40, 1), (33, 3)):
+    archs = space.sample(rng, size)
+    targets, _ = normalize_targets(rng.random(size), True)
+    tokens, targets, valid = pad_pool(space.to_tokens(archs), targets, 40)
+    state = reset_optimizer(cfg, state)
+    state, _ = train_epochs(state, cfg, tokens, targets, valid,
+                            jnp.asarray(space.swap_permutations()), jnp.int32(epochs),
+                            jax.random.key(size))
+  assert train.train_epochs._cache_size() - before == 1
+  # 7 rows -> 1 real batch; 40 -> 2; 33 -> 2 (the last partial): steps = 2*1 + 1*2 + 3*2.
+  assert int(state.step) == 10
+
+
+def test_padding_does_not_change_training():
+  space = spaces.WS_SPACE
+  cfg = tiny_config(space)
+  archs = space.sample(np.random.default_rng(0), 30)
+  scores = np.random.default_rng(1).random(30)
+  targets, _ = normalize_targets(scores, True)
+  results = []
+  for capacity in (40, 80):
+    tokens, padded_targets, valid = pad_pool(space.to_tokens(archs), targets, capacity)
+    state = init_controller(cfg, jax.random.key(0))
+    # Same shuffle order needs the same capacity-independent permutation: compare step counts
+    # and that padded rows never contribute (loss finite, same number of updates).
+    state, stats = train_epochs(state, cfg, tokens, padded_targets, valid,
+                                jnp.asarray(space.swap_permutations()), jnp.int32(2),
+                                jax.random.key(3))
+    results.append((int(state.step), float(stats['loss'])))
+  assert results[0][0] == results[1][0] == 4
+  assert all(np.isfinite(loss) for _, loss in results)
+
+
+def test_training_is_deterministic():
+  space = spaces.WS_SPACE
+  cfg = tiny_config(space, encoder_dropout=0.1)
+  archs = space.sample(np.random.default_rng(0), 20)
+  scores = np.linspace(0, 1, 20)
+  a, _, _ = fit(space, cfg, archs, scores, epochs=3)
+  b, _, _ = fit(space, cfg, archs, scores, epochs=3)
+  jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+
+
+def test_tf_variants_train():
+  space = spaces.NAO_SPACE
+  cfg = tiny_config(space, attention='bahdanau', init='uniform', forget_bias=1.0, l2_mode='loss',
+                    encoder_dropout=0.1, encoder_dropout_on='outputs', mlp_layers=0)
+  archs = space.sample(np.random.default_rng(0), 10)
+  state, stats, _ = fit(space, cfg, archs, np.arange(10.0), epochs=5)
+  assert np.isfinite(float(stats['loss']))
+  assert 'mlp_w0' not in state.params
+
+
+# -- targets and metrics ------------------------------------------------------------------------
+
+def test_normalize_targets():
+  targets, direction = normalize_targets([90.0, 91.0, 92.0], higher_is_better=True)
+  np.testing.assert_allclose(targets, [0, 0.5, 1])
+  assert direction == 1
+  targets, direction = normalize_targets([90.0, 91.0, 92.0], True, orientation='error')
+  np.testing.assert_allclose(targets, [1, 0.5, 0])
+  assert direction == -1
+  targets, direction = normalize_targets([60.0, 55.0], higher_is_better=False)
+  np.testing.assert_allclose(targets, [1, 0])
+  assert direction == -1
+  targets, _ = normalize_targets([3.0, 3.0, 3.0], True)
+  np.testing.assert_allclose(targets, 0.5)
+  with pytest.raises(ValueError, match='score 1 is nan'):
+    normalize_targets([1.0, np.nan], True)
+  with pytest.raises(ValueError, match='score 0 is inf'):
+    normalize_targets([np.inf], True)
+  with pytest.raises(ValueError, match='non-empty'):
+    normalize_targets([], True)
+  with pytest.raises(ValueError, match='empty pool'):
+    pad_pool(np.zeros((0, 6), np.int32), np.zeros(0, np.float32), 10)
+
+
+def test_metrics():
+  assert metrics.pairwise_accuracy([1, 2, 3], [10, 20, 30]) == 1.0
+  assert metrics.pairwise_accuracy([1, 2, 3], [30, 20, 10]) == 0.0
+  assert metrics.pairwise_accuracy([1, 2, 3, 4], [1, 2, 4, 3]) == pytest.approx(5 / 6)
+  assert metrics.kendall_tau([1, 2, 3, 4], [1, 2, 4, 3]) == pytest.approx(4 / 6)
+  assert metrics.reconstruction_accuracy([[1, 2], [3, 4]], [[1, 2], [3, 5]]) == 0.5
+
+
+def test_config_rejects_bad_values():
+  with pytest.raises(ValueError, match="controller.attention = 'dot'"):
+    ControllerConfig.for_space(spaces.WS_SPACE, attention='dot')
+  with pytest.raises(ValueError, match=r"unknown controller config key\(s\) \['hiden_size'\]"):
+    ControllerConfig.for_space(spaces.WS_SPACE, hiden_size=3)
+  with pytest.raises(ValueError, match='must equal hidden_size'):
+    ControllerConfig.for_space(spaces.WS_SPACE, emb_size=10)
+  cfg = ControllerConfig.for_space(spaces.NAO_SPACE)
+  assert (cfg.emb_size, cfg.hidden_size, cfg.encoder_length) == (32, 96, 20)
+
+
+# -- the embedding-space step -------------------------------------------------------------------
+
+def test_optimizer_proposes_only_unseen_valid_architectures_and_compiles_once():
+  space = spaces.WS_SPACE
+  cfg = tiny_config(space)
+  rng = np.random.default_rng(0)
+  pool = space.sample(rng, 40)
+  state, _, direction = fit(space, cfg, pool, rng.random(40), epochs=30)
+  seen = {space.canonical_key(a) for a in pool}
+  before = optimize.decode_moved._cache_size()
+  proposal = propose(state.params, cfg, space, pool[:10], seen, num_new=25, eta_max=20,
+                     direction=direction, eta_chunk=4, seed_capacity=10)
+  assert 0 < len(proposal.archs) <= 25
+  keys = [space.canonical_key(a) for a in proposal.archs]
+  assert len(set(keys)) == len(keys)
+  assert not set(keys) & seen
+  for arch in proposal.archs:
+    space.validate(arch)
+  assert np.all(np.diff(proposal.etas) >= 0)  # scanned in order of increasing eta
+  # A second round with fewer seeds and a larger seen set reuses the compilation.
+  propose(state.params, cfg, space, pool[:7], seen | set(keys), num_new=5, eta_max=8,
+          direction=direction, eta_chunk=4, seed_capacity=10)
+  assert optimize.decode_moved._cache_size() - before == 1
+
+
+def test_gradient_step_increases_the_prediction():
+  space = spaces.NB201_SPACE
+  cfg = tiny_config(space)
+  rng = np.random.default_rng(0)
+  pool = space.sample(rng, 60)
+  state, _, _ = fit(space, cfg, pool, rng.random(60), epochs=20)
+  model = Controller(cfg)
+  variables = {'params': state.params}
+  memory, _ = model.apply(variables, jnp.asarray(space.to_tokens(pool)), method=Controller.encode)
+  predict = lambda m: model.apply(variables, m, method=Controller.predict_from_memory)
+  grad = jax.grad(lambda m: predict(m).sum())(memory)
+  from nao_jax.controller.model import l2_normalize
+  for direction in (1, -1):
+    moved = l2_normalize(memory + direction * 0.05 * grad)
+    change = np.asarray(predict(moved) - predict(memory))
+    assert np.mean(direction * change > 0) > 0.9
+
+
+def test_propose_rejects_bad_input():
+  space = spaces.NB201_SPACE
+  cfg = tiny_config(space)
+  params = _params(cfg, 0)
+  with pytest.raises(ValueError, match='non-empty batch'):
+    propose(params, cfg, space, np.zeros((0, 6), np.int32), set(), 3, 5, 1)
+  with pytest.raises(ValueError, match='direction must be'):
+    propose(params, cfg, space, np.zeros((2, 6), np.int32), set(), 3, 5, 0)
+  with pytest.raises(ValueError, match='num_new >= 1'):
+    propose(params, cfg, space, np.zeros((2, 6), np.int32), set(), 0, 5, 1)
+
+
+def test_config_is_hashable_static_arg():
+  cfg = tiny_config(spaces.WS_SPACE)
+  assert hash(cfg) == hash(dataclasses.replace(cfg))
