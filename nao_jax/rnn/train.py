@@ -183,7 +183,7 @@ def train_step(state: TrainState, inputs: Array, targets: Array, hidden: Array, 
     avg, count = average_update(avg, params, count)
   state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, avg_params=avg,
                      avg_count=count)
-  metrics = {'loss': loss, 'nll': aux['nll'], 'grad_norm': optax.global_norm(grads)}
+  metrics = {'loss': loss, 'nll': aux['nll'], 'grad_norm': optax.tree.norm(grads)}
   return state, aux['hidden'], metrics
 
 
