@@ -220,3 +220,12 @@ def test_validate_and_from_tokens_name_the_problem():
   with pytest.raises(ValueError, match='activation_mapping'):
     rnn.RnnSpace('x', 'enas')
   assert nb201.NB201_SPACE.validate(np.array([4, 4, 4, 4, 4, 4.0])).dtype == np.int32
+
+
+@pytest.mark.parametrize('space', ALL_SPACES, ids=lambda s: s.name)
+def test_mutation_changes_exactly_one_field_to_a_valid_value(space):
+  rng = np.random.default_rng(0)
+  for arch in space.sample(rng, 50):
+    child = space.mutate(arch, rng)
+    space.validate(child)
+    assert np.sum(child != arch) == 1

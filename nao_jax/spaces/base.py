@@ -8,6 +8,7 @@ Every space provides, in numpy, vectorised over leading batch axes where it matt
 
 * ``sample(rng, n)``: ``n`` uniformly random architectures, as the official ``generate_arch``.
 * ``validate(arch)``: the array as ``int32``, or a ``ValueError`` naming the field and the value.
+* ``mutate(arch, rng)``: a random one-field neighbour (regularized evolution).
 * ``to_tokens`` / ``from_tokens``: the exact, invertible tokenisation of the reference code.
 * ``decoder_mask_table()``: ``bool[L, V, V]``; entry ``[t, prev, v]`` says whether the decoder may
   emit token ``v`` at position ``t`` after emitting ``prev`` at ``t - 1``. Masks of the official
@@ -67,6 +68,26 @@ class SearchSpace(abc.ABC):
   @abc.abstractmethod
   def validate(self, arch) -> np.ndarray:
     """Returns ``arch`` as ``int32[*arch_shape]`` or raises ``ValueError`` naming the field."""
+
+  def mutate(self, arch, rng: np.random.Generator) -> np.ndarray:
+    """A random neighbour: one field of ``arch`` changed to another allowed value.
+
+    Used by regularized evolution. Fields are drawn uniformly among those with an alternative.
+    """
+    arch = self.validate(arch).copy()
+    flat = arch.reshape(-1)
+    choices = self._field_choices()
+    while True:
+      field = int(rng.integers(flat.size))
+      if choices[field] > 1:
+        break
+    new = int(rng.integers(choices[field] - 1))
+    flat[field] = new if new < flat[field] else new + 1
+    return arch
+
+  @abc.abstractmethod
+  def _field_choices(self) -> np.ndarray:
+    """``int[prod(arch_shape)]``: number of allowed values of each field of the flat arch."""
 
   # -- tokens ---------------------------------------------------------------------------------
 

@@ -110,6 +110,11 @@ class CnnSpace(SearchSpace):
         raise ValueError(f'{self.name}: {field} = {value} is not an op id 0..{self.num_ops - 1}')
     return arch
 
+  def _field_choices(self) -> np.ndarray:
+    nodes = np.arange(NODES)[:, None] + 2
+    per_node = np.concatenate([nodes, np.full_like(nodes, self.num_ops)] * 2, axis=1)
+    return np.tile(per_node[None], (2, 1, 1)).reshape(-1)
+
   # -- tokens ---------------------------------------------------------------------------------
 
   def to_tokens(self, archs: np.ndarray) -> np.ndarray:

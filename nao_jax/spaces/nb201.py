@@ -50,6 +50,9 @@ class Nb201Space(SearchSpace):
                        f'0..{self.num_ops - 1}')
     return arch
 
+  def _field_choices(self) -> np.ndarray:
+    return np.full(self.seq_len, self.num_ops)
+
   def to_tokens(self, archs: np.ndarray) -> np.ndarray:
     return (np.asarray(archs, np.int32) + 1).astype(np.int32)
 

@@ -70,6 +70,9 @@ class RnnSpace(SearchSpace):
                          f'0..{len(self.activations) - 1}')
     return arch
 
+  def _field_choices(self) -> np.ndarray:
+    return np.stack([np.arange(STEPS) + 1, np.full(STEPS, len(self.activations))], 1).reshape(-1)
+
   def to_tokens(self, archs: np.ndarray) -> np.ndarray:
     archs = np.asarray(archs, np.int32)
     tokens = np.stack([archs[..., 0] + 1, archs[..., 1] + _ACT_OFFSET], -1)

@@ -1,0 +1,46 @@
+"""NAO, random search or regularized evolution on the NAS-Bench-201 table.
+
+  python -m experiments.search --config=experiments/configs/nb201.py --workdir=/tmp/nb201 \
+      --config.searcher=nao --config.budget=100 --config.seed=0
+
+The table defaults to ``$NAO_DATA_DIR/nasbench201/nb201_cifar10valid_valid_acc.csv``; set
+``--config.table=PATH`` for another CSV with columns ``arch_str,valid_accuracy[,train_seconds]``.
+"""
+
+import ml_collections
+
+from nao_jax.data import nb201
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.space = 'nb201'
+  config.evaluator = 'tabular'
+  config.table = nb201.default_table_path() or ''
+  config.searcher = 'nao'  # nao | random | evolution
+  config.seed = 0
+  config.budget = 100
+  config.log_every = 10
+
+  # The NAO loop, sized for budgets of 50-300 queries (the PT-V1 defaults are 600/100/300/50).
+  config.nao = ml_collections.ConfigDict(dict(
+      seed_pool_size=20,
+      pool_size=0,
+      top_k=10,
+      num_new=10,
+      eta_max=50.0,
+      eta_step=1.0,
+      eta_chunk=5,
+      pool_policy='keep_all',
+      num_random=0,
+      fill_with_random=True,
+      rounds=0,
+      exclude='evaluated',
+  ))
+  # Overrides of nao_jax.controller.ControllerConfig (defaults: PT-V1).
+  config.controller = ml_collections.ConfigDict(dict(
+      epochs=300,
+      batch_size=100,
+  ))
+  config.evolution = ml_collections.ConfigDict(dict(population_size=20, sample_size=5))
+  return config

@@ -1,0 +1,78 @@
+"""An append-only, crash-safe record of every evaluation: ``history.jsonl``.
+
+Each record is one JSON line, flushed and fsynced before the next evaluation starts, so a kill at
+any moment loses at most the line being written. On reopening, a torn last line (no newline, or
+not valid JSON) is cut off; damage anywhere else is reported, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator
+
+from absl import logging
+
+
+class History:
+  """Append-only JSON-lines file of records (dicts)."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self.records: list[dict] = []
+    if os.path.exists(path):
+      self.records = self._read_and_repair()
+    self._file = open(path, 'a', encoding='utf-8')
+
+  def _read_and_repair(self) -> list[dict]:
+    with open(self.path, 'rb') as f:
+      data = f.read()
+    complete = data.rfind(b'\n') + 1  # bytes up to the last full line
+    records = []
+    lines = data[:complete].decode('utf-8').splitlines()
+    for number, line in enumerate(lines, start=1):
+      if not line.strip():
+        continue
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        if number == len(lines):  # torn by a kill between write and fsync of a longer record
+          complete = data.rfind(b'\n', 0, complete - 1) + 1
+          break
+        raise ValueError(f'{self.path}:{number} is not valid JSON ({e}); the history is damaged '
+                         f'before its last line, refusing to continue') from None
+    if complete < len(data):
+      logging.warning('%s: dropping a torn final record (%d bytes) left by an interrupted run',
+                      self.path, len(data) - complete)
+      with open(self.path, 'r+b') as f:
+        f.truncate(complete)
+        f.flush()
+        os.fsync(f.fileno())
+    return records
+
+  def append(self, record: dict) -> None:
+    """Writes one record durably (flush + fsync) and keeps it in memory."""
+    self._file.write(json.dumps(record, sort_keys=True) + '\n')
+    self._file.flush()
+    os.fsync(self._file.fileno())
+    self.records.append(record)
+
+  def __iter__(self) -> Iterator[dict]:
+    return iter(self.records)
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def close(self) -> None:
+    self._file.close()
+
+
+def write_json_atomic(path: str, value) -> None:
+  """Writes JSON to ``path`` via a temporary file and rename: readers never see half a file."""
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+    f.write('\n')
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)

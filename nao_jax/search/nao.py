@@ -1,0 +1,201 @@
+"""The NAO search loop (spec §1, §4.3, §11.4).
+
+Each round: score the pool, normalise the scores, train the controller, propose new
+architectures from the top-K with the embedding-space step, evaluate them, and update the pool
+by a named policy. The state at the start of every round (pool, controller, random streams) is
+checkpointed, and evaluations inside a round are served from the history on a rerun, so a
+killed search continues exactly where it stopped.
+
+Pool policies:
+
+* ``replace_worst`` (PT-V1): keep the best ``pool_size - n_new`` and add the new ones;
+* ``replace_worst_with_random`` (TF-WS): keep the best ``pool_size - n_new - num_random``, add
+  the new ones and ``num_random`` fresh random architectures;
+* ``keep_all`` (NAO-V2's cumulative evaluation pool): every evaluated architecture stays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nao_jax import metrics
+from nao_jax.checkpoint import RunCheckpointer
+from nao_jax.controller import (ControllerConfig, capacity_for, init_controller,
+                                normalize_targets, pad_pool, predict_scores, propose,
+                                reset_optimizer, train_epochs)
+from nao_jax.search.baselines import sample_unseen
+from nao_jax.search.run import SearchRun
+
+POOL_POLICIES = ('replace_worst', 'replace_worst_with_random', 'keep_all')
+
+
+@dataclasses.dataclass(frozen=True)
+class NaoSearchConfig:
+  """Loop settings; defaults are PT-V1's (spec §4.2, §4.3).
+
+  Attributes:
+    seed_pool_size: random architectures evaluated before the first round.
+    pool_size: pool size kept by the replace policies (0: ``seed_pool_size``).
+    top_k: seeds of the embedding-space step (best first).
+    num_new: new architectures proposed per round (at most).
+    eta_max, eta_step: step sizes ``eta_step, 2 eta_step, ... <= eta_max``.
+    eta_chunk: step sizes decoded per compiled call.
+    pool_policy: one of ``POOL_POLICIES``.
+    num_random: random architectures injected per round by ``replace_worst_with_random``.
+    fill_with_random: when the controller proposes fewer than ``num_new`` unseen architectures,
+      fill the round with random unseen ones (keeps a tabular search spending its budget; the
+      official code would simply add fewer).
+    rounds: stop after this many proposal rounds (0: until the budget is spent).
+    exclude: ``'evaluated'`` never proposes anything evaluated before in this run; ``'pool'``
+      only excludes the current pool (the official rule).
+  """
+  seed_pool_size: int = 600
+  pool_size: int = 0
+  top_k: int = 100
+  num_new: int = 300
+  eta_max: float = 50.0
+  eta_step: float = 1.0
+  eta_chunk: int = 5
+  pool_policy: str = 'replace_worst'
+  num_random: int = 50
+  fill_with_random: bool = True
+  rounds: int = 0
+  exclude: str = 'evaluated'
+
+  def __post_init__(self):
+    if self.pool_policy not in POOL_POLICIES:
+      raise ValueError(f'nao.pool_policy = {self.pool_policy!r}; choose one of {POOL_POLICIES}')
+    if self.exclude not in ('evaluated', 'pool'):
+      raise ValueError(f"nao.exclude must be 'evaluated' or 'pool', got {self.exclude!r}")
+    for field in ('seed_pool_size', 'top_k', 'num_new', 'eta_chunk'):
+      if getattr(self, field) < 1:
+        raise ValueError(f'nao.{field} must be >= 1, got {getattr(self, field)}')
+    if self.eta_max <= 0 or self.eta_step <= 0:
+      raise ValueError(f'nao.eta_max and nao.eta_step must be > 0, got {self.eta_max}, '
+                       f'{self.eta_step}')
+
+  @property
+  def target_pool_size(self) -> int:
+    return self.pool_size or self.seed_pool_size
+
+
+def nao_search(run: SearchRun, cfg: NaoSearchConfig, controller_cfg: ControllerConfig,
+               seed: int) -> int:
+  """Runs NAO until the budget or the round limit; returns the number of rounds completed."""
+  if run.budget < cfg.seed_pool_size:
+    raise ValueError(f'budget {run.budget} is smaller than the seed pool '
+                     f'(nao.seed_pool_size = {cfg.seed_pool_size})')
+  space = run.space
+  checkpointer = RunCheckpointer(run.workdir, subdir='search_state')
+  max_pool = run.budget if cfg.pool_policy == 'keep_all' else cfg.target_pool_size + cfg.num_new
+  capacity = capacity_for(max_pool, controller_cfg.batch_size)
+  swaps = jnp.asarray(space.swap_permutations())
+  template = {'controller': init_controller(controller_cfg, jax.random.key(seed)),
+              'key': jax.random.key(seed)}
+  step = checkpointer.latest_step()
+  if step is None:
+    rng = np.random.default_rng(seed)
+    pool = _distinct_random(run, rng, cfg.seed_pool_size)
+    round_index, state = 0, template
+    checkpointer.save(0, state, _meta(0, pool, rng, run.queries))
+  else:
+    state, meta = checkpointer.restore(step, template)
+    round_index, pool = meta['round'], np.asarray(meta['pool'], np.int32)
+    rng = np.random.default_rng()
+    rng.bit_generator.state = meta['rng_state']
+    run.fast_forward(meta['queries'])
+    logging.info('resuming the NAO search at round %d (pool of %d)', round_index, len(pool))
+
+  while True:
+    run.evaluator.start_round(pool, round_index)
+    scores = run.query(pool, round_index, 'pool')
+    if run.remaining == 0 or (cfg.rounds and round_index >= cfg.rounds):
+      break
+    started = time.time()
+    order = np.argsort(-scores if run.evaluator.higher_is_better else scores, kind='stable')
+    pool, scores = pool[order], scores[order]
+    targets, direction = normalize_targets(scores, run.evaluator.higher_is_better,
+                                           controller_cfg.target_orientation)
+    controller, stats = _train_controller(state['controller'], controller_cfg, space, pool,
+                                          targets, capacity, swaps, state['key'], round_index)
+    seen = run.known_keys() if cfg.exclude == 'evaluated' else set()
+    seen |= {space.canonical_key(a) for a in pool}
+    quota = min(cfg.num_new, run.remaining)
+    proposal = propose(controller.params, controller_cfg, space, pool[:cfg.top_k], seen, quota,
+                       cfg.eta_max, direction, cfg.eta_step, cfg.eta_chunk,
+                       seed_capacity=cfg.top_k)
+    new = list(proposal.archs)
+    n_proposed = len(new)
+    randoms = []
+    n_random = cfg.num_random if cfg.pool_policy == 'replace_worst_with_random' else 0
+    n_random = min(n_random, run.remaining - len(new))
+    if cfg.fill_with_random:
+      n_random = max(n_random, min(quota, run.remaining) - len(new))
+    taken = seen | {space.canonical_key(a) for a in new}
+    for _ in range(max(n_random, 0)):
+      arch = sample_unseen(run, rng, exclude=taken)
+      taken.add(space.canonical_key(arch))
+      randoms.append(arch)
+    new_scores = run.query(new, round_index, 'nao') if new else np.zeros(0)
+    random_scores = run.query(randoms, round_index, 'random') if randoms else np.zeros(0)
+    predicted = predict_scores(controller.params, controller_cfg, jnp.asarray(space.to_tokens(pool)))
+    logging.info('round %d: controller loss %.4f (mse %.4f, ce %.4f), pool pairwise acc %.3f; '
+                 'proposed %d (eta <= %g), random %d; best %.4f; %.1fs', round_index,
+                 stats['loss'], stats['mse'], stats['ce'],
+                 metrics.pairwise_accuracy(targets, np.asarray(predicted)), n_proposed,
+                 proposal.max_eta, len(randoms), run.best_record['score'], time.time() - started)
+    for name, value in stats.items():
+      run.writer.scalar(f'controller/{name}', value, round_index)
+    del new_scores, random_scores  # recorded by the run; the pool policies need only the order
+    pool = _update_pool(cfg, pool, new + randoms)
+    round_index += 1
+    state = {'controller': controller, 'key': state['key']}
+    checkpointer.save(round_index, state, _meta(round_index, pool, rng, run.queries))
+    run.write_results(round_index, finished=False, extra={'searcher': 'nao'})
+  checkpointer.close()
+  return round_index
+
+
+def _train_controller(controller, cfg: ControllerConfig, space, pool, targets, capacity, swaps,
+                      key, round_index):
+  """Fresh or warm-started controller trained on the sorted pool; returns (state, stats)."""
+  round_key = jax.random.fold_in(key, round_index)
+  if round_index == 0 or not cfg.warm_start:
+    controller = init_controller(cfg, jax.random.fold_in(round_key, 0))
+  elif not cfg.keep_optimizer_state:
+    controller = reset_optimizer(cfg, controller)
+  tokens, padded_targets, valid = pad_pool(space.to_tokens(pool), targets, capacity)
+  controller, stats = train_epochs(controller, cfg, tokens, padded_targets, valid, swaps,
+                                   jnp.int32(cfg.epochs), jax.random.fold_in(round_key, 1))
+  return controller, {k: float(v) for k, v in stats.items()}
+
+
+def _distinct_random(run: SearchRun, rng: np.random.Generator, n: int) -> np.ndarray:
+  taken, archs = set(), []
+  for _ in range(n):
+    arch = sample_unseen(run, rng, exclude=taken)
+    taken.add(run.space.canonical_key(arch))
+    archs.append(arch)
+  return np.stack(archs)
+
+
+def _update_pool(cfg: NaoSearchConfig, pool, new):
+  """The next pool; ``pool`` is sorted best first."""
+  if not new:
+    return pool
+  new = np.stack(new)
+  if cfg.pool_policy == 'keep_all':
+    return np.concatenate([pool, new])
+  keep = max(cfg.target_pool_size - len(new), 0)
+  return np.concatenate([pool[:keep], new])
+
+
+def _meta(round_index: int, pool: np.ndarray, rng: np.random.Generator, queries: int) -> dict:
+  return {'round': round_index, 'pool': pool.tolist(), 'rng_state': rng.bit_generator.state,
+          'queries': queries}
