@@ -6,6 +6,7 @@
 Rerunning the same command after a kill resumes the run in --workdir.
 """
 
+import re
 import sys
 
 from absl import app
@@ -33,5 +34,19 @@ def main(argv):
   print(f'results: {_WORKDIR.value}/results.json, history: {_WORKDIR.value}/history.jsonl')
 
 
+def parse_flags(argv):
+  """absl flag parsing with a one-line error (bad config keys or values) instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (KeyError, AttributeError) as e:  # config_flags: an override of a key that does not exist
+    found = re.search(r'[A-Za-z_][A-Za-z0-9_]*', str(e))
+    key = found.group(0) if found else ''
+    culprit = next((a for a in argv[1:] if key and key in a), key)
+    sys.exit(f'error: {culprit}: no such config key')
+  except Exception as e:  # pylint: disable=broad-except
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    sys.exit(f'error: {lines[0]}')
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

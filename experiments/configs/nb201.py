@@ -9,6 +9,7 @@ The table defaults to ``$NAO_DATA_DIR/nasbench201/nb201_cifar10valid_valid_acc.c
 
 import ml_collections
 
+from nao_jax.controller import config as controller_config
 from nao_jax.data import nb201
 
 
@@ -37,10 +38,9 @@ def get_config():
       rounds=0,
       exclude='evaluated',
   ))
-  # Overrides of nao_jax.controller.ControllerConfig (defaults: PT-V1).
-  config.controller = ml_collections.ConfigDict(dict(
+  # nao_jax.controller.ControllerConfig: PT-V1 defaults except where named here.
+  config.controller = ml_collections.ConfigDict(controller_config.config_file_defaults(
       epochs=300,
-      batch_size=100,
   ))
   config.evolution = ml_collections.ConfigDict(dict(population_size=20, sample_size=5))
   return config

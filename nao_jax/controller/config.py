@@ -101,9 +101,29 @@ class ControllerConfig:
     unknown = sorted(set(overrides) - known)
     if unknown:
       raise ValueError(f'unknown controller config key(s) {unknown}; known: {sorted(known)}')
+    overrides = dict(overrides)
+    for derived in ('tokens_per_step', 'emb_size'):  # 0 in a config file: derive from the space
+      if not overrides.get(derived, 1):
+        del overrides[derived]
     hidden = overrides.get('hidden_size', cls.hidden_size)
     tokens_per_step = overrides.get('tokens_per_step', space.tokens_per_step)
     values = dict(vocab_size=space.vocab_size, source_length=space.seq_len,
                   tokens_per_step=tokens_per_step, emb_size=hidden // tokens_per_step)
     values.update(overrides)
     return cls(**values)
+
+
+def config_file_defaults(**overrides) -> dict:
+  """Every tunable controller field with its default, for ``ml_collections`` config files.
+
+  The space fixes ``vocab_size`` and ``source_length``; ``tokens_per_step`` and ``emb_size`` are
+  0 here, meaning "derive from the space" (emb = hidden / tokens per step).
+  """
+  values = {f.name: f.default for f in dataclasses.fields(ControllerConfig)
+            if f.name not in ('vocab_size', 'source_length')}
+  values.update(tokens_per_step=0, emb_size=0)
+  unknown = sorted(set(overrides) - set(values))
+  if unknown:
+    raise ValueError(f'unknown controller config key(s) {unknown}')
+  values.update(overrides)
+  return values

@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 from absl import logging
 
+from nao_jax import spaces
 from nao_jax.controller import ControllerConfig
 from nao_jax.data import nb201 as nb201_data
 from nao_jax.search import baselines
@@ -54,10 +55,10 @@ def run_search(config, workdir: str, evaluator: Evaluator | None = None) -> dict
   budget, seed = int(config['budget']), int(config['seed'])
   if budget < 1:
     raise ValueError(f'budget must be >= 1, got {budget}')
-  evaluator = evaluator or build_evaluator(config)
+  space = evaluator.space if evaluator else spaces.get_space(config.get('space', 'nb201'))
   if searcher == 'nao':
     nao_cfg = _section(NaoSearchConfig, config.get('nao', {}), 'nao')
-    controller_cfg = ControllerConfig.for_space(evaluator.space, **config.get('controller', {}))
+    controller_cfg = ControllerConfig.for_space(space, **config.get('controller', {}))
     if budget < nao_cfg.seed_pool_size:
       raise ValueError(f'budget {budget} is smaller than the seed pool '
                        f'(nao.seed_pool_size = {nao_cfg.seed_pool_size})')
@@ -66,6 +67,9 @@ def run_search(config, workdir: str, evaluator: Evaluator | None = None) -> dict
     unknown = sorted(set(evolution) - {'population_size', 'sample_size'})
     if unknown:
       raise ValueError(f'unknown evolution config key(s) {unknown}')
+  evaluator = evaluator or build_evaluator(config)
+  if evaluator.space is not space:
+    raise ValueError(f'space = {space.name!r} but the evaluator scores {evaluator.space.name!r}')
   run = SearchRun(workdir, config, evaluator, budget, seed)
   try:
     if searcher == 'nao':

@@ -1,0 +1,247 @@
+"""The search loop: budgets, baselines, NAO rounds, kill-and-resume, and bad input."""
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from nao_jax import spaces
+from nao_jax.data import nb201 as nb201_data
+from nao_jax.search import TabularEvaluator, run_search
+from nao_jax.search.history import History
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPACE = spaces.NB201_SPACE
+
+# A tiny NAO that finishes 40 queries in seconds.
+TINY_NAO = {'seed_pool_size': 8, 'top_k': 4, 'num_new': 4, 'eta_max': 6.0, 'eta_chunk': 3,
+            'pool_policy': 'keep_all'}
+TINY_CONTROLLER = {'epochs': 15, 'hidden_size': 16, 'mlp_layers': 1, 'mlp_hidden': 16,
+                   'batch_size': 20}
+
+
+def synthetic_accuracy(arch) -> float:
+  """A smooth, structured stand-in for NAS-Bench-201 accuracies (ties are rare)."""
+  weights = np.array([0.0, 2.0, 3.0, 5.0, 1.0])  # none < pool < skip < 1x1 < 3x3
+  position = np.arange(1, 7)
+  return float(60 + weights[arch].sum() + 0.01 * (arch * position).sum() % 1.3)
+
+
+@pytest.fixture(scope='module')
+def table_path(tmp_path_factory):
+  path = tmp_path_factory.mktemp('nb201') / 'table.csv'
+  with open(path, 'w') as f:
+    f.write('index,arch_str,valid_accuracy,train_seconds\n')
+    for i, arch in enumerate(itertools.product(range(5), repeat=6)):
+      arch = np.asarray(arch)
+      f.write(f'{i},{SPACE.format(arch)},{synthetic_accuracy(arch):.6f},{100 + i % 7}\n')
+  return str(path)
+
+
+def config(table, searcher='nao', budget=40, seed=0, **extra):
+  values = {'space': 'nb201', 'evaluator': 'tabular', 'table': table, 'searcher': searcher,
+            'seed': seed, 'budget': budget, 'log_every': 1000, 'nao': dict(TINY_NAO),
+            'controller': dict(TINY_CONTROLLER),
+            'evolution': {'population_size': 10, 'sample_size': 3}}
+  values.update(extra)
+  return values
+
+
+def read_history(workdir):
+  with open(os.path.join(workdir, 'history.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def comparable(results):
+  return {k: v for k, v in results.items() if k != 'wall_s'}
+
+
+# -- the harness --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('searcher', ['random', 'evolution', 'nao'])
+def test_searchers_spend_exactly_the_budget_on_unseen_architectures(table_path, tmp_path, searcher):
+  results = run_search(config(table_path, searcher), str(tmp_path))
+  history = read_history(tmp_path)
+  assert results['queries'] == len(history) == 40
+  assert [r['query'] for r in history] == list(range(1, 41))
+  assert len({r['arch'] for r in history}) == 40
+  best = max(history, key=lambda r: r['score'])
+  assert results['best_arch'] == best['arch'] and results['best_score'] == best['score']
+  assert results['seed'] == 0 and results['config']['searcher'] == searcher
+  assert results['finished'] and results['searcher'] == searcher
+  for record in history:
+    assert record['score'] == pytest.approx(synthetic_accuracy(SPACE.parse(record['arch'])), abs=1e-5)
+  assert os.path.getsize(tmp_path / 'best_so_far.png') > 1000
+  assert any(name.startswith('events.out.tfevents') for name in os.listdir(tmp_path / 'tb'))
+
+
+def test_nao_rounds_use_the_controller_and_are_deterministic(table_path, tmp_path):
+  first = run_search(config(table_path), str(tmp_path / 'a'))
+  second = run_search(config(table_path), str(tmp_path / 'b'))
+  assert comparable(first) == comparable(second)
+  history = read_history(tmp_path / 'a')
+  assert history == read_history(tmp_path / 'b')
+  sources = [r['source'] for r in history]
+  assert sources[:8] == ['pool'] * 8 and 'nao' in sources
+  assert first['rounds'] == 8  # (40 - 8) / 4 new per round
+  assert os.path.isdir(tmp_path / 'a' / 'search_state')
+
+
+@pytest.mark.parametrize('searcher', ['random', 'evolution', 'nao'])
+def test_a_smaller_budget_is_a_prefix_of_a_larger_one(table_path, tmp_path, searcher):
+  run_search(config(table_path, searcher, budget=20), str(tmp_path / 'short'))
+  run_search(config(table_path, searcher, budget=40), str(tmp_path / 'long'))
+  short, long = read_history(tmp_path / 'short'), read_history(tmp_path / 'long')
+  assert short == long[:20]
+
+
+def test_resuming_a_finished_run_evaluates_nothing_and_extending_the_budget_continues(
+    table_path, tmp_path):
+  first = run_search(config(table_path, 'evolution', budget=20), str(tmp_path))
+  again = run_search(config(table_path, 'evolution', budget=20), str(tmp_path))
+  assert comparable(first) == comparable(again)
+  assert len(read_history(tmp_path)) == 20
+  run_search(config(table_path, 'evolution', budget=30), str(tmp_path))
+  fresh = tmp_path / 'fresh'
+  run_search(config(table_path, 'evolution', budget=30), str(fresh))
+  assert read_history(tmp_path) == read_history(fresh)
+
+
+# -- kill -9 and resume --------------------------------------------------------------------------
+
+def _launch(table_path, workdir, budget=40):
+  args = [sys.executable, '-m', 'experiments.search', '--config=experiments/configs/nb201.py',
+          f'--workdir={workdir}', f'--config.table={table_path}', f'--config.budget={budget}',
+          '--config.log_every=1000']
+  args += [f'--config.nao.{k}={v}' for k, v in TINY_NAO.items()]
+  args += [f'--config.controller.{k}={v}' for k, v in TINY_CONTROLLER.items()]
+  log = open(os.path.join(os.path.dirname(str(workdir)), 'launch.log'), 'ab')  # never a full pipe
+  return subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _lines(path):
+  try:
+    with open(path, 'rb') as f:
+      return f.read().count(b'\n')
+  except FileNotFoundError:
+    return 0
+
+
+def _file_config(table_path, budget=40):
+  """The config the launcher builds from the config file and the flags of ``_launch``."""
+  from experiments.configs import nb201 as nb201_config  # pylint: disable=import-outside-toplevel
+  values = nb201_config.get_config().to_dict()
+  values.update(table=table_path, budget=budget, log_every=1000)
+  values['nao'].update(TINY_NAO)
+  values['controller'].update(TINY_CONTROLLER)
+  return values
+
+
+def test_sigkill_and_rerun_equals_an_uninterrupted_run(table_path, tmp_path):
+  reference = tmp_path / 'reference'
+  run_search(_file_config(table_path), str(reference))
+  workdir = tmp_path / 'killed'
+  # Kill during the seed-pool evaluations, then in the middle of a later round.
+  for kill_after in (3, 26):
+    process = _launch(table_path, workdir)
+    deadline = time.time() + 240
+    while _lines(workdir / 'history.jsonl') < kill_after:
+      assert process.poll() is None, 'the search ended before it could be killed'
+      assert time.time() < deadline, 'the search made no progress'
+      time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert _lines(workdir / 'history.jsonl') < 40
+  process = _launch(table_path, workdir)
+  assert process.wait(timeout=300) == 0, (tmp_path / 'launch.log').read_text()[-3000:]
+  assert read_history(workdir) == read_history(reference)
+  with open(reference / 'results.json') as f, open(workdir / 'results.json') as g:
+    assert comparable(json.load(f)) == comparable(json.load(g))
+
+
+def test_torn_history_line_is_dropped_and_earlier_damage_refused(tmp_path):
+  path = tmp_path / 'history.jsonl'
+  path.write_text('{"a": 1}\n{"a": 2}\n{"a": 3, "b"')
+  history = History(str(path))
+  assert [r['a'] for r in history] == [1, 2]
+  history.append({'a': 3})
+  history.close()
+  assert path.read_text() == '{"a": 1}\n{"a": 2}\n{"a": 3}\n'
+  path.write_text('{"a": 1}\nnot json\n{"a": 3}\n')
+  with pytest.raises(ValueError, match='history.jsonl:2 is not valid JSON'):
+    History(str(path))
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+def _write(tmp_path, text):
+  path = tmp_path / 'bad.csv'
+  path.write_text(text)
+  return str(path)
+
+
+@pytest.mark.parametrize('text, match', [
+    ('arch_str,accuracy\n', r"missing column\(s\) \['valid_accuracy'\]"),
+    ('arch_str,valid_accuracy\n|none~0|+|none~0|none~1|+|none~0|none~1|none~2|,1\n'
+     '|none~0|+|none~0|none~1|+|none~0|none~1|none~2|,2\n', 'bad.csv:3: duplicate architecture'),
+    ('arch_str,valid_accuracy\n|conv~0|+|none~0|none~1|+|none~0|none~1|none~2|,1\n',
+     "bad.csv:2: cannot parse arch_str: nb201: unknown op 'conv'"),
+    ('arch_str,valid_accuracy\n|none~0|+|none~0|none~1|+|none~0|none~1|none~2|,high\n',
+     "bad.csv:2: valid_accuracy = 'high' is not a number"),
+    ('arch_str,valid_accuracy\n|none~0|+|none~0|none~1|+|none~0|none~1|none~2|,nan\n',
+     'is not finite'),
+    ('arch_str,valid_accuracy\n', 'has no rows'),
+])
+def test_malformed_tables_are_rejected_with_the_line(tmp_path, text, match):
+  with pytest.raises(ValueError, match=match):
+    nb201_data.load_table(_write(tmp_path, text))
+
+
+def test_bad_configs_fail_before_any_work(table_path, tmp_path):
+  workdir = tmp_path / 'run'
+  with pytest.raises(FileNotFoundError, match='table not found'):
+    run_search(config(str(tmp_path / 'missing.csv')), str(workdir))
+  with pytest.raises(ValueError, match=r'budget 5 is smaller than the seed pool'):
+    run_search(config(table_path, budget=5), str(workdir))
+  with pytest.raises(ValueError, match=r"unknown nao config key\(s\) \['pool'\]"):
+    run_search(config(table_path, nao={'pool': 3}), str(workdir))
+  with pytest.raises(ValueError, match=r"unknown controller config key\(s\) \['hidden'\]"):
+    run_search(config(table_path, controller={'hidden': 3}), str(workdir))
+  with pytest.raises(ValueError, match="searcher = 'bayes'"):
+    run_search(config(table_path, searcher='bayes'), str(workdir))
+  assert not workdir.exists()
+
+
+def test_an_incompatible_run_directory_is_refused(table_path, tmp_path):
+  run_search(config(table_path, 'random', budget=5), str(tmp_path))
+  with pytest.raises(ValueError, match="different config .*seed: 0 there, 1 now"):
+    run_search(config(table_path, 'random', budget=5, seed=1), str(tmp_path))
+  assert len(read_history(tmp_path)) == 5
+
+
+def test_launcher_errors_are_one_line_with_nonzero_exit(tmp_path):
+  base = [sys.executable, '-m', 'experiments.search', '--config=experiments/configs/nb201.py',
+          f'--workdir={tmp_path}/run']
+  cases = [
+      (['--config.table=/nonexistent.csv'], 'table not found'),
+      (['--config.no_such_key=1'], 'no_such_key'),
+      (['--config.table=/nonexistent.csv', '--config.budget=3'], 'smaller than the seed pool'),
+  ]
+  for extra, match in cases:
+    result = subprocess.run(base + extra, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if match in line]
+    assert errors, result.stderr
+  assert not os.path.exists(tmp_path / 'run' / 'history.jsonl')
+
+
+def test_tabular_evaluator_reads_costs(table_path):
+  evaluator = TabularEvaluator(nb201_data.load_table(table_path))
+  record = evaluator.evaluate(SPACE.parse('|none~0|+|none~0|none~1|+|none~0|none~1|none~2|')[None])[0]
+  assert record == {'score': pytest.approx(60.0), 'cost': 100.0}
