@@ -275,6 +275,11 @@ def _plan_step(plan: CellPlan, w0h: Array, wg: list[Array], m_h: Array | None, h
   return h, states, gates, cands
 
 
+def _read_states(plan: CellPlan) -> tuple[int, ...]:
+  """States some node reads (the backward pass needs only these, not the leaves)."""
+  return tuple(sorted(set(plan.preds)))
+
+
 def _scan_forward(plan, w0h, w, xc, h0, m_h, save: bool):
   wg = _group_weights(plan, w)
 
@@ -282,9 +287,22 @@ def _scan_forward(plan, w0h, w, xc, h0, m_h, save: bool):
     h, states, gates, cands = _plan_step(plan, w0h, wg, m_h, h_prev, xc_t)
     if not save:
       return h, h
-    return h, (h, jnp.stack(states), jnp.stack(gates), jnp.stack(cands))
+    # Flat tuples, not stacked arrays: each residual is written straight into its own [T, B, H]
+    # buffer (a stack costs an extra copy per step).
+    return h, (h, tuple(states[p] for p in _read_states(plan)), tuple(gates), tuple(cands))
 
   return jax.lax.scan(step, h0, xc)
+
+
+def _input_projection(w0: Array, xs: Array, m_x: Array | None) -> Array:
+  """``(x * m_x) @ W0[:E]`` for every step at once: ``float32[T, B, E]`` -> ``float32[T, B, 2H]``.
+
+  Flattened to one 2-D ``[T*B, E] @ [E, 2H]`` matmul, whose gradients are 2-D matmuls as well
+  (a 3-D operand makes XLA transpose copies for the weight gradient).
+  """
+  steps, batch, emb = xs.shape
+  flat = _masked(xs, m_x).reshape(steps * batch, emb) @ w0[:emb]
+  return flat.reshape(steps, batch, -1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -307,7 +325,8 @@ def _fused_bwd(plan, res, d_hs):
   n_out = len(plan.output_nodes)
 
   def step(dh_next, xs):
-    d_out, h_prev, s, c, g = xs
+    d_out, h_prev, read, c, g = xs
+    s = dict(zip(_read_states(plan), read))
     dh = d_out + dh_next
     ds = [jnp.zeros_like(dh) if j not in plan.output_nodes else dh / n_out
           for j in range(STEPS + 1)]
@@ -330,15 +349,17 @@ def _fused_bwd(plan, res, d_hs):
   dh0, (dpre0, dpres) = jax.lax.scan(step, jnp.zeros_like(d_hs[0]),
                                      (d_hs, h_prevs, states, gates, cands), reverse=True)
 
-  def weight_grad(inputs, dpre):  # sum over time and batch: one [H, T*B] @ [T*B, K] matmul
+  def weight_grad(inputs, dpre):
+    # Sum over time and batch as one 2-D [H, T*B] @ [T*B, K] matmul; a 3-D einsum makes XLA
+    # transpose both operands into [B, T, .] copies first.
     inputs = _masked(inputs, m_h)
-    return jnp.einsum('tbh,tbk->hk', inputs, dpre)
+    return inputs.reshape(-1, inputs.shape[-1]).T @ dpre.reshape(-1, dpre.shape[-1])
 
   dw0h = weight_grad(h_prevs, dpre0)
   dw = [None] * STEPS
   hidden = w.shape[1]
   for (p, nodes), dpre in zip(plan.groups, dpres):
-    dwg = weight_grad(states[:, p], dpre)
+    dwg = weight_grad(states[_read_states(plan).index(p)], dpre)
     for k, n in enumerate(nodes):
       dw[n - 1] = dwg[:, 2 * k * hidden:(2 * k + 2) * hidden]
   dm_h = None if m_h is None else jnp.zeros_like(m_h)  # masks are constants
@@ -363,9 +384,8 @@ def fixed_recurrence(params: Params, plan: CellPlan, xs: Array, h0: Array,
   Returns:
     ``float32[T, B, H]`` hidden states (= outputs); the last row is the state to carry.
   """
-  emb = xs.shape[-1]
-  xc = _masked(xs, m_x) @ params['w0'][:emb]  # one [T*B, E] @ [E, 2H] matmul for all steps
-  return _fused_recurrence(plan, params['w0'][emb:], params['w'], xc, h0, m_h)
+  xc = _input_projection(params['w0'], xs, m_x)
+  return _fused_recurrence(plan, params['w0'][xs.shape[-1]:], params['w'], xc, h0, m_h)
 
 
 # -- weight-sharing cell: architecture as data ---------------------------------------------------
@@ -402,11 +422,10 @@ def ws_recurrence(params: Params, arch: Array, activations: Sequence[str], xs: A
   activations = _check_activations(activations)
   out_nodes = _output_nodes(output_average)
   arch = jnp.asarray(arch, jnp.int32)
-  emb = xs.shape[-1]
   hidden = h0.shape[-1]
   w = ws_gather(params, arch)['w']  # the window uses one architecture: gather once, not per step
-  w0h = params['w0'][emb:]
-  xc = _masked(xs, m_x) @ params['w0'][:emb]
+  w0h = params['w0'][xs.shape[-1]:]
+  xc = _input_projection(params['w0'], xs, m_x)
 
   def step(h_prev, xc_t):
     buf = jnp.zeros((STEPS + 1,) + h_prev.shape, h_prev.dtype)
