@@ -39,6 +39,12 @@ def _on_event(event: str, duration: float, **_) -> None:
     _COMPILES[0] += 1
 
 
+def _cache_size(fn) -> int:
+  """Entries in a jitted function's cache (private API: -1 where it does not exist)."""
+  size = getattr(fn, '_cache_size', None)
+  return size() if size is not None else -1
+
+
 def matmul_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
   """FLOP/s of an ``n x n @ n x n`` float32 matmul (median of ``repeats``)."""
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
@@ -101,7 +107,7 @@ def time_ws(steps: int, warmup: int, seq_len: int = 35, batch: int = 256) -> dic
   compiles_before = cache_before = None
   for i in range(warmup + steps):
     if i == warmup:
-      compiles_before, cache_before = _COMPILES[0], train_lib.train_step._cache_size()
+      compiles_before, cache_before = _COMPILES[0], _cache_size(train_lib.train_step)
     inputs, targets = _window(rng, cfg, seq_len, batch)
     t0 = time.perf_counter()
     state, hidden, metrics = train_lib.train_step(
@@ -111,7 +117,7 @@ def time_ws(steps: int, warmup: int, seq_len: int = 35, batch: int = 256) -> dic
     if i >= warmup:
       times.append(time.perf_counter() - t0)
   return {'step_s': statistics.median(times), 'compiles': _COMPILES[0] - compiles_before,
-          'cache_growth': train_lib.train_step._cache_size() - cache_before,
+          'cache_growth': _cache_size(train_lib.train_step) - cache_before,
           'loss': float(metrics['loss'])}
 
 
