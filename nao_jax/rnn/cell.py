@@ -429,10 +429,129 @@ def _select_activation(v: Array, act_id: Array, activations: tuple[str, ...]) ->
   return out
 
 
+def _select_activation_grad(out: Array, act_id: Array, activations: tuple[str, ...]) -> Array:
+  """Derivative of ``f_{act_id}`` at the point where it produced ``out``, for a traced id."""
+  grad = _activation_grad(activations[-1], out)
+  for k in range(len(activations) - 2, -1, -1):
+    grad = jnp.where(act_id == k, _activation_grad(activations[k], out), grad)
+  return grad
+
+
+@dataclasses.dataclass(frozen=True)
+class _WsStatic:
+  activations: tuple[str, ...]
+  output_nodes: tuple[int, ...]
+
+
+def _ws_scan_forward(static: _WsStatic, w0h, w, arch, xc, h0, m_h, save: bool):
+  """Feature-major WS forward; ``w`` is the gathered ``float32[11, H, 2H]``."""
+  hidden = h0.shape[0]
+  # Transposed once per window, and split: slicing a stacked [11, 2H, H] inside the loop copies.
+  w_t = [w[i].T for i in range(STEPS)]
+  w0h_t = w0h.T
+  first = static.output_nodes[0]
+
+  def step(h_prev, xc_t):
+    pre0 = xc_t + w0h_t @ _masked(h_prev, m_h)
+    c0 = jax.nn.sigmoid(pre0[:hidden])
+    g0 = jnp.tanh(pre0[hidden:])
+    buf = jnp.zeros((STEPS + 1,) + h_prev.shape, h_prev.dtype)
+    buf = buf.at[0].set(h_prev + c0 * (g0 - h_prev))
+    gates, cands = [c0], [g0]
+    for i in range(STEPS):
+      s_p = jax.lax.dynamic_index_in_dim(buf, arch[i, 0], keepdims=False)
+      pre = w_t[i] @ _masked(s_p, m_h)
+      c = jax.nn.sigmoid(pre[:hidden])
+      g = _select_activation(pre[hidden:], arch[i, 1], static.activations)
+      buf = buf.at[i + 1].set(s_p + c * (g - s_p))
+      gates.append(c)
+      cands.append(g)
+    h = jnp.mean(buf[first:], 0)
+    if not save:
+      return h, h
+    return h, (h, buf, tuple(gates), tuple(cands))
+
+  return jax.lax.scan(step, h0, xc)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ws_fused(static: _WsStatic, w0h: Array, w: Array, arch: Array, xc: Array, h0: Array,
+              m_h: Array | None) -> Array:
+  """``float32[T, B, H]`` outputs; as ``_fused_recurrence`` with the architecture as data."""
+  m_h = None if m_h is None else m_h.T
+  hs = _ws_scan_forward(static, w0h, w, arch, _feature_major(xc), h0.T, m_h, save=False)[1]
+  return _feature_major(hs)
+
+
+def _ws_fwd(static, w0h, w, arch, xc, h0, m_h):
+  m_h = None if m_h is None else m_h.T
+  h0 = h0.T
+  _, (hs, states, gates, cands) = _ws_scan_forward(static, w0h, w, arch, _feature_major(xc), h0,
+                                                   m_h, save=True)
+  h_prevs = jnp.concatenate([h0[None], hs[:-1]], 0)
+  return _feature_major(hs), (w0h, w, arch, h_prevs, states, gates, cands, m_h)
+
+
+def _ws_bwd(static, res, d_hs):
+  """As ``_fused_bwd``; the predecessor of each node is a dynamic index into the state buffer.
+
+  Nodes are visited in reverse order, so the gradient of ``s_{i+1}`` is complete when node
+  ``i + 1`` is reached (only later nodes read it), whatever the architecture.
+  """
+  w0h, w, arch, h_prevs, states, gates, cands, m_h = res  # residuals feature-major [T, ., H, B]
+  n_out = len(static.output_nodes)
+  first = static.output_nodes[0]
+
+  def step(dh_next, xs):
+    d_out, h_prev, s, c, g = xs
+    dh = d_out + dh_next
+    ds = jnp.zeros_like(s).at[first:].set(jnp.broadcast_to(dh / n_out, s[first:].shape))
+    dpres = []
+    for i in range(STEPS - 1, -1, -1):
+      n, p = i + 1, arch[i, 0]
+      s_p = jax.lax.dynamic_index_in_dim(s, p, keepdims=False)
+      ds_n = ds[n]
+      dc = ds_n * (g[n] - s_p)
+      dpre = jnp.concatenate(
+          [dc * c[n] * (1.0 - c[n]),
+           ds_n * c[n] * _select_activation_grad(g[n], arch[i, 1], static.activations)], 0)
+      ds_p = ds_n * (1.0 - c[n]) + _masked(w[i] @ dpre, m_h)
+      ds = jax.lax.dynamic_update_index_in_dim(
+          ds, jax.lax.dynamic_index_in_dim(ds, p, keepdims=False) + ds_p, p, 0)
+      dpres.append(dpre)
+    dc0 = ds[0] * (g[0] - h_prev)
+    dpre0 = jnp.concatenate([dc0 * c[0] * (1.0 - c[0]), ds[0] * c[0] * (1.0 - g[0] * g[0])], 0)
+    dh_prev = ds[0] * (1.0 - c[0]) + _masked(w0h @ dpre0, m_h)
+    return dh_prev, (dpre0, tuple(reversed(dpres)))
+
+  dh0, (dpre0, dpres) = jax.lax.scan(step, jnp.zeros_like(h_prevs[0]),
+                                     (_feature_major(d_hs), h_prevs, states, gates, cands),
+                                     reverse=True)
+
+  def weight_grad(inputs, dpre):
+    inputs = _masked(inputs, m_h)
+    lhs = jnp.swapaxes(inputs, 0, 1).reshape(inputs.shape[1], -1)
+    rhs = jnp.swapaxes(dpre, 1, 2).reshape(-1, dpre.shape[1])
+    return lhs @ rhs
+
+  dw0h = weight_grad(h_prevs, dpre0)
+  dw = jnp.stack([weight_grad(jnp.take(states, arch[i, 0], axis=1), dpres[i])
+                  for i in range(STEPS)])
+  return dw0h, dw, None, _feature_major(dpre0), dh0.T, None
+
+
+_ws_fused.defvjp(_ws_fwd, _ws_bwd)
+
+
 def ws_recurrence(params: Params, arch: Array, activations: Sequence[str], xs: Array, h0: Array,
                   m_x: Array | None = None, m_h: Array | None = None,
                   output_average: str = 'exclude_s0') -> Array:
   """Runs the weight-sharing cell over a window; ``arch`` is data (one compile for all archs).
+
+  Same layout and hand-written VJP as ``fixed_recurrence`` (weight gradients as big matmuls
+  after the reverse time loop), with one matmul per node, the predecessor read from the stacked
+  state buffer ``float32[12, H, B]`` by a dynamic index, and the activation (and its derivative)
+  picked by a select over the four candidates.
 
   Args:
     params: ``{'w0': float32[E + H, 2H], 'w': float32[264, H, 2H]}``.
@@ -449,24 +568,8 @@ def ws_recurrence(params: Params, arch: Array, activations: Sequence[str], xs: A
   Returns:
     ``float32[T, B, H]``.
   """
-  activations = _check_activations(activations)
-  out_nodes = _output_nodes(output_average)
+  static = _WsStatic(_check_activations(activations), _output_nodes(output_average))
   arch = jnp.asarray(arch, jnp.int32)
-  hidden = h0.shape[-1]
   w = ws_gather(params, arch)['w']  # the window uses one architecture: gather once, not per step
-  w0h = params['w0'][xs.shape[-1]:]
   xc = _input_projection(params['w0'], xs, m_x)
-
-  def step(h_prev, xc_t):
-    buf = jnp.zeros((STEPS + 1,) + h_prev.shape, h_prev.dtype)
-    buf = buf.at[0].set(_highway(h_prev, xc_t + _masked(h_prev, m_h) @ w0h, jnp.tanh))
-    for i in range(STEPS):
-      s_p = jax.lax.dynamic_index_in_dim(buf, arch[i, 0], keepdims=False)
-      pre = _masked(s_p, m_h) @ w[i]
-      c = jax.nn.sigmoid(pre[:, :hidden])
-      g = _select_activation(pre[:, hidden:], arch[i, 1], activations)
-      buf = buf.at[i + 1].set(s_p + c * (g - s_p))
-    h = jnp.mean(buf[out_nodes[0]:], 0)
-    return h, h
-
-  return jax.lax.scan(step, h0, xc)[1]
+  return _ws_fused(static, params['w0'][xs.shape[-1]:], w, arch, xc, h0, m_h)
