@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nao_jax.data import text
 from nao_jax.rnn import cell as cell_lib
 from nao_jax.rnn import model as model_lib
 from nao_jax.rnn import train as train_lib
@@ -167,13 +168,11 @@ def test_ws_cell_does_not_recompile_across_architectures():
   assert len({np.asarray(o).tobytes() for o in outs}) == 20
 
 
-def _toy_setup(config, batch=4, steps=6, seed=0):
+def _toy_setup(config, batch=4, seed=0):
   rng = np.random.default_rng(seed)
   stream = np.tile(rng.integers(0, V, 17), 12)  # periodic: learnable
-  rows = len(stream) // batch
-  data = stream[:rows * batch].reshape(batch, rows).T
   params = model_lib.init_params(jax.random.PRNGKey(seed), config)
-  return data, params
+  return text.batchify(stream, batch), params
 
 
 def test_dropout_masks_and_regularisers():
@@ -231,13 +230,15 @@ def test_train_steps_reduce_loss_and_evaluate():
   hidden = model_lib.init_hidden(data.shape[1], cfg)
   key = jax.random.PRNGKey(0)
   losses = []
+  sampler = dict(std=1.0, min_len=2, max_delta=2)  # variable lengths 2..7 around bptt 5
+  windows = list(text.iterate_bptt(data.shape[0], np.random.default_rng(0), 5, **sampler))
   for i in range(40):
-    start = (i * 5) % (data.shape[0] - 6)
-    n = 5 if i % 3 else 4  # variable window lengths share one compiled step
-    inputs, targets, length = train_lib.pad_window(data[start:start + n],
-                                                   data[start + 1:start + 1 + n])
+    start, seq_len, lr_scale = windows[i % len(windows)]
+    if i and start == 0:
+      hidden = model_lib.init_hidden(data.shape[1], cfg)  # a new epoch
+    inputs, targets, length = train_lib.pad_window(*text.get_batch(data, start, seq_len))
     state, hidden, metrics = train_lib.train_step(
-        state, inputs, targets, hidden, jax.random.fold_in(key, i), np.float32(n / 5), length,
+        state, inputs, targets, hidden, jax.random.fold_in(key, i), np.float32(lr_scale), length,
         model_config=cfg, train_config=tc)
     losses.append(float(metrics['nll']))
   assert int(state.step) == 40 and np.all(np.isfinite(losses))

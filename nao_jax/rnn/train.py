@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from nao_jax.data import text
 from nao_jax.rnn import model as model_lib
 
 Array = jax.Array
@@ -224,8 +225,8 @@ def evaluate(params: Params, data: np.ndarray, batch_size: int, bptt: int, *,
 
   Args:
     params: model parameters (e.g. ``eval_params(state)``).
-    data: ``int[N]`` token stream (batchified here: trimmed to a multiple of ``batch_size``,
-      column ``j`` = the ``j``-th contiguous slice) or already batchified ``int[N // B, B]``.
+    data: ``int[N]`` token stream (batchified here with ``nao_jax.data.text.batchify``) or an
+      already batchified ``int[N // B, B]``.
     batch_size: number of columns ``B`` (reference: 10 valid, 1 test).
     bptt: window length.
     model_config: model structure.
@@ -236,20 +237,18 @@ def evaluate(params: Params, data: np.ndarray, batch_size: int, bptt: int, *,
   """
   data = np.asarray(data, np.int32)
   if data.ndim == 1:
-    rows = data.shape[0] // batch_size
-    data = data[:rows * batch_size].reshape(batch_size, rows).T
+    data = text.batchify(data, batch_size)
   if data.shape[1] != batch_size:
     raise ValueError(f'data has {data.shape[1]} columns, batch_size is {batch_size}')
   rows = data.shape[0]
   hidden = model_lib.init_hidden(batch_size, model_config)
   sums = []  # device scalars: no host sync per window; summed in float64 at the end
-  for start in range(0, rows - 1, bptt):
-    n = min(bptt, rows - 1 - start)
+  for start, _, _ in text.iterate_bptt(rows, None, bptt):
+    inputs, targets = text.get_batch(data, start, bptt)
+    n = inputs.shape[0]
     pad = ((0, bptt - n), (0, 0))
-    inputs = np.pad(data[start:start + n], pad)
-    targets = np.pad(data[start + 1:start + 1 + n], pad)
-    nll, hidden = eval_step(params, inputs, targets, hidden, np.asarray(n, np.int32), arch,
-                            model_config=model_config)
+    nll, hidden = eval_step(params, np.pad(inputs, pad), np.pad(targets, pad), hidden,
+                            np.asarray(n, np.int32), arch, model_config=model_config)
     sums.append(nll)
   nll = math.fsum(float(v) for v in sums) / ((rows - 1) * batch_size)
   return {'nll': nll, 'ppl': math.exp(nll)}
