@@ -392,8 +392,7 @@ def _fused_bwd(plan, res, d_hs):
     dwg = weight_grad(states[_read_states(plan).index(p)], dpre)
     for k, n in enumerate(nodes):
       dw[n - 1] = dwg[:, 2 * k * hidden:(2 * k + 2) * hidden]
-  dm_h = None if m_h is None else jnp.zeros_like(m_h.T)  # masks are constants
-  return dw0h, jnp.stack(dw), _feature_major(dpre0), dh0.T, dm_h
+  return dw0h, jnp.stack(dw), _feature_major(dpre0), dh0.T, None  # None: masks are constants
 
 
 _fused_recurrence.defvjp(_fused_fwd, _fused_bwd)
