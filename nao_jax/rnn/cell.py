@@ -9,21 +9,24 @@ per-sequence variational-dropout masks; all ones in evaluation)::
   s_i       = s_p + sigmoid(c) * (f_a(g) - s_p)        p = pred of node i, f_a its activation
   h_t       = mean(s_1 .. s_11)                        ('exclude_s0'; 'include_s0' adds s_0)
 
-Two builders share these equations and are tested to compute the same function:
+Two builders share these equations; tests check both, values and all gradients, against JAX
+autodiff of ``fixed_cell_step`` (the step written plainly, one matmul per node):
 
 * The **fixed cell** (final training) turns an architecture into a static ``CellPlan`` at trace
   time. ``fixed_recurrence`` is the fast path: ``x @ W0[:E]`` for all time steps is one matmul
   outside the time loop, nodes that read the same predecessor share one matmul (their weights are
   concatenated along the output axis), and a hand-written VJP keeps only data gradients inside the
   reverse time loop; every weight gradient is one ``[H, T*B] @ [T*B, k*2H]`` matmul after it.
-  ``fixed_cell_step`` is the same step written plainly (one matmul per node, autodiff).
+  Inside the loops arrays are feature-major (``[H, B]``), the faster matmul orientation on
+  XLA:CPU.
 * The **weight-sharing cell** (WS-RNN supernet, spec §5.3) takes the architecture as traced
   ``int32[11, 2]`` data, so one compilation serves every architecture. Node ``i`` (0-based) owns
   ``4 * (i + 1)`` blocks of ``float32[H, 2H]``, one per (predecessor, activation), block
   ``pred * 4 + act`` as in the reference; all 264 blocks are stacked in one array. The 11 blocks
   of an architecture are gathered once per call (the architecture is constant over the window),
   the predecessor is read from a stacked state buffer with a dynamic index, and the activation is
-  a select over all four candidates (no ``lax.switch`` inside the scan).
+  a select over all four candidates (no ``lax.switch`` inside the scan). It uses the same layout
+  and the same kind of hand-written VJP (one matmul per node).
 
 Activation ids mean nothing without a mapping: every builder takes the tuple of activation names
 (``space.activations`` of ``nao_jax.spaces.rnn``) explicitly.
