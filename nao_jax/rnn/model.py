@@ -116,7 +116,12 @@ def builtin_config(name: str, **overrides) -> LMConfig:
 
 
 def ws_search_config(**overrides) -> LMConfig:
-  """The WS-RNN supernet (spec §5.3): E = H = 300, NAO-WS activation ids, architecture as data."""
+  """The WS-RNN supernet (spec §5.3): E = H = 300, NAO-WS activation ids, architecture as data.
+
+  The cell output averages ``s_1..s_11`` like the final models (our default, which removes the
+  reference's search/eval mismatch); ``output_average='include_s0'`` gives the reference
+  supernet's mean over ``s_0..s_11`` (spec §9.1 #16).
+  """
   kwargs = dict(emb_size=300, hidden_size=300, dropout=0.75, dropouth=0.25, dropoutx=0.75,
                 dropouti=0.2, dropoute=0.0, activations=ACTIVATION_MAPPINGS['nao_ws'])
   kwargs.update(overrides)
