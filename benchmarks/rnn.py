@@ -100,6 +100,8 @@ def time_fixed(steps: int, warmup: int, seq_len: int = 35, batch: int = 64) -> d
         np.int32(seq_len), model_config=cfg, train_config=tc)
     jax.block_until_ready((state, metrics))
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    if i == 0:
+      first_s = wall
     if i >= warmup:
       times.append(wall)
       mfu.append(flops / wall / peak)
@@ -108,7 +110,8 @@ def time_fixed(steps: int, warmup: int, seq_len: int = 35, batch: int = 64) -> d
   step_s = statistics.median(times)
   return {'step_s': step_s, 'flops': flops, 'tok_per_s': seq_len * batch / step_s,
           'mfu': statistics.median(mfu), 'mfu_cpu': statistics.median(mfu_cpu),
-          'peak': statistics.median(peaks), 'loss': float(metrics['loss'])}
+          'peak': statistics.median(peaks), 'compile_s': first_s - step_s,
+          'loss': float(metrics['loss'])}
 
 
 def time_ws(steps: int, warmup: int, seq_len: int = 35, batch: int = 256) -> dict:
@@ -157,6 +160,7 @@ def main() -> None:
       'step_s': round(fixed['step_s'], 3),
       'model_gflop_per_step': round(fixed['flops'] / 1e9, 1),
       'matmul_gflop_per_s': round(fixed['peak'] / 1e9, 1),
+      'compile_s': round(fixed['compile_s'], 1),
   }
   if not args.skip_ws:
     ws = time_ws(args.ws_steps, args.warmup)

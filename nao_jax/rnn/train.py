@@ -9,9 +9,9 @@ sometimes 17.5-based, capped at 55); every distinct window length would be a new
 ``pad_window`` pads a window up to a multiple of ``pad_multiple`` and passes the true ``length``
 as traced data; padded steps are excluded from the loss, TAR, and the carried state. Cost:
 ``pad_multiple=5`` (default) wastes at most 4 steps (~2 on average, ~6 % of a 35-step window) and
-compiles one program per bucket actually met (lengths 5..55 -> at most 11; about 5 in practice,
-since N(35, 5) stays within 20..50); ``pad_multiple=55`` compiles once but spends ~57 % more
-compute on a 35-step window.
+compiles one program per bucket met: lengths 5..55 give at most 11, and a long run meets them all
+(N(35, 5) spans ~15..55 and the half-length draws ~5..30), each compiled once;
+``pad_multiple=55`` compiles once but spends ~57 % more compute on a 35-step window.
 
 **NT-ASGD** (optional, the official recipe): host code calls ``nt_asgd_should_switch`` after each
 epoch and ``start_averaging`` when it fires; from then on every step also updates the running
