@@ -190,8 +190,21 @@ class FixedNetwork:
       i = stop
     return tuple(segments)
 
-  def _scanned(self, start: int, stop: int) -> bool:
+  def is_scanned(self, start: int, stop: int) -> bool:
+    """Whether segment ``[start, stop)`` runs under ``lax.scan`` (stacked parameters)."""
+    del stop
     return self.cells[start].steady
+
+  def cell_variables(self, params: Params, batch_stats: Stats,
+                     index: int) -> tuple[Params, Stats]:
+    """The (unstacked) parameters and statistics of cell ``index``."""
+    for start, stop in self.segments:
+      if start <= index < stop:
+        scanned = self.is_scanned(start, stop)
+        name = self.segment_key(start, stop, scanned)
+        p, s = params['cells'][name], batch_stats['cells'][name]
+        return (unstack(p, index - start), unstack(s, index - start)) if scanned else (p, s)
+    raise IndexError(f'cell {index} out of range 0..{self.num_cells - 1}')
 
   @staticmethod
   def segment_key(start: int, stop: int, scanned: bool) -> str:
@@ -229,7 +242,7 @@ class FixedNetwork:
     stem_p, stem_s = ops.conv_bn_init(k_stem, 3, c_stem, 3, 3)
     params, stats = {'stem': stem_p, 'cells': {}}, {'stem': stem_s, 'cells': {}}
     for start, stop in self.segments:
-      scanned = self._scanned(start, stop)
+      scanned = self.is_scanned(start, stop)
       inits = [self.init_cell(jax.random.fold_in(k_cells, i), self.cells[i])
                for i in range(start, stop)]
       if scanned:
@@ -331,7 +344,7 @@ class FixedNetwork:
     s0 = s1 = x
     aux_logits = None
     for start, stop in self.segments:
-      scanned = self._scanned(start, stop)
+      scanned = self.is_scanned(start, stop)
       name = self.segment_key(start, stop, scanned)
       p, s = params['cells'][name], batch_stats['cells'][name]
       if scanned:

@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 Params = dict[str, Any]
@@ -44,9 +45,30 @@ _DIMS = ('NHWC', 'HWIO', 'NHWC')
 # -- initialisers ---------------------------------------------------------------------------------
 
 
+def _host_draw(key_data: np.ndarray, *, kind: str, shape: tuple[int, ...]) -> np.ndarray:
+  rng = np.random.default_rng(np.asarray(key_data, np.uint32).ravel().tolist())
+  if kind == 'normal':
+    return rng.standard_normal(shape, dtype=np.float32)
+  return rng.uniform(-1.0, 1.0, shape).astype(np.float32)
+
+
+def host_random(key: jax.Array, shape: Sequence[int], kind: str = 'normal') -> jax.Array:
+  """Standard normal (or uniform(-1, 1)) ``float32[shape]`` drawn on the host from ``key``.
+
+  Initialisation draws one tensor per weight. XLA:CPU expands every on-device draw (threefry or
+  RngBitGenerator) into hundreds of instructions, which made compiling a network's init take
+  tens of seconds; a host callback seeded with the key's data is deterministic, traceable (also
+  under ``jax.eval_shape`` and ``jit``) and costs nothing to compile.
+  """
+  shape = tuple(shape)
+  key_data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+  return jax.pure_callback(functools.partial(_host_draw, kind=kind, shape=shape),
+                           jax.ShapeDtypeStruct(shape, jnp.float32), key_data)
+
+
 def kaiming_normal(key: jax.Array, shape: Sequence[int], fan_in: int) -> jax.Array:
   """PyTorch ``kaiming_normal_`` (mode fan_in, ReLU gain): N(0, 2 / fan_in)."""
-  return jax.random.normal(key, tuple(shape), jnp.float32) * math.sqrt(2.0 / fan_in)
+  return host_random(key, shape) * math.sqrt(2.0 / fan_in)
 
 
 def conv_init(key: jax.Array, kh: int, kw: int, c_in: int, c_out: int,
@@ -60,7 +82,7 @@ def linear_init(key: jax.Array, c_in: int, c_out: int) -> Params:
   k_w, k_b = jax.random.split(key)
   bound = 1.0 / math.sqrt(c_in)
   return {'kernel': kaiming_normal(k_w, (c_in, c_out), c_in),
-          'bias': jax.random.uniform(k_b, (c_out,), jnp.float32, -bound, bound)}
+          'bias': host_random(k_b, (c_out,), 'uniform') * bound}
 
 
 def linear_apply(params: Params, x: jax.Array) -> jax.Array:
@@ -78,14 +100,120 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int | tuple[int, int] = 1,
 
   Explicit padding (not 'SAME') matters at stride 2: 'SAME' pads bottom/right only and would
   sample different pixels than PyTorch's ``padding=k // 2``.
+
+  Args:
+    x: ``float32[B, H, W, C_in]``.
+    kernel: ``float32[KH, KW, C_in / groups, C_out]``.
+    stride: int or ``(sh, sw)``.
+    padding: ``((top, bottom), (left, right))``.
+    groups: 1, or ``C_in`` (= ``C_out``) for a depthwise conv.
+
+  Returns:
+    ``float32[B, H', W', C_out]``.
   """
   strides = (stride, stride) if isinstance(stride, int) else tuple(stride)
+  padding = tuple(tuple(p) for p in padding)
   if kernel.shape[:2] == (1, 1) and groups == 1 and padding == ((0, 0), (0, 0)):
     # A 1x1 conv is a matmul over channels; XLA:CPU runs dot faster than a 1x1 convolution.
     x = x[:, ::strides[0], ::strides[1], :]
     return jnp.einsum('bhwc,cd->bhwd', x, kernel[0, 0])
+  if groups == 1:
+    return _conv(x, kernel, strides, padding)
+  if groups == x.shape[-1] == kernel.shape[-1] and kernel.shape[2] == 1:
+    return _depthwise(x, kernel, strides, padding)
+  raise ValueError(f'conv2d supports groups=1 or depthwise, got groups={groups}, '
+                   f'kernel {kernel.shape}, input {x.shape}')
+
+
+# XLA:CPU runs a convolution fast only in canonical form (NHWC input, HWIO kernel). JAX's
+# autodiff transposes of a conv use other dimension orders; outside loops XLA re-lays them out,
+# but inside a while loop (lax.scan over cells) it does not and falls back to a naive loop nest
+# some 40x slower. The custom VJPs below write both backward convs in canonical form.
+
+
+def _zero_pad(x: jax.Array, config) -> jax.Array:
+  """``lax.pad`` with zeros; ``config`` is ``(lo, hi, interior)`` per axis (negatives crop)."""
+  return lax.pad(x, jnp.zeros((), x.dtype), config)
+
+
+def _conv_raw(x, kernel, strides, padding, groups=1):
   return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DIMS,
                                   feature_group_count=groups)
+
+
+def _dilate(dy: jax.Array, strides) -> jax.Array:
+  """Inserts ``stride - 1`` zeros between output pixels (the transpose of striding)."""
+  if tuple(strides) == (1, 1):
+    return dy
+  return _zero_pad(dy, ((0, 0, 0), (0, 0, strides[0] - 1), (0, 0, strides[1] - 1), (0, 0, 0)))
+
+
+def _input_grad_padding(x_shape, kernel_shape, padding, dyd_shape):
+  """Padding of the dilated output gradient so that a full correlation yields ``x``'s size."""
+  config = [(0, 0, 0)]
+  for axis in (0, 1):
+    k, lo = kernel_shape[axis], padding[axis][0]
+    config.append((k - 1 - lo, x_shape[1 + axis] + lo - dyd_shape[1 + axis], 0))
+  return tuple(config) + ((0, 0, 0),)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(x, kernel, strides, padding):
+  return _conv_raw(x, kernel, strides, padding)
+
+
+def _conv_fwd(x, kernel, strides, padding):
+  return _conv_raw(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv_bwd(strides, padding, residuals, dy):
+  x, kernel = residuals
+  kh, kw = kernel.shape[:2]
+  dyd = _dilate(dy, strides)
+  # dx: correlate the padded, dilated gradient with the flipped kernel, in/out swapped.
+  flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
+  dx = _conv_raw(_zero_pad(dyd, _input_grad_padding(x.shape, kernel.shape, padding, dyd.shape)),
+                 flipped, (1, 1), ((0, 0), (0, 0)))
+  # dkernel: channels of x as the batch, the batch as features, dy as a kernel; rows/columns
+  # that the strided forward never reached are cropped so the result is exactly kh x kw.
+  crop = [(x.shape[1 + a] + sum(padding[a]) - kernel.shape[a]) % strides[a] for a in (0, 1)]
+  xt = _zero_pad(jnp.transpose(x, (3, 1, 2, 0)),
+                 ((0, 0, 0), (padding[0][0], padding[0][1] - crop[0], 0),
+                  (padding[1][0], padding[1][1] - crop[1], 0), (0, 0, 0)))
+  dk = _conv_raw(xt, jnp.transpose(dyd, (1, 2, 0, 3)), (1, 1), ((0, 0), (0, 0)))
+  assert dk.shape[1:3] == (kh, kw), (dk.shape, kernel.shape)
+  return dx, jnp.transpose(dk, (1, 2, 0, 3))
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise(x, kernel, strides, padding):
+  return _conv_raw(x, kernel, strides, padding, x.shape[-1])
+
+
+def _depthwise_fwd(x, kernel, strides, padding):
+  return _depthwise(x, kernel, strides, padding), (x, kernel)
+
+
+def _depthwise_bwd(strides, padding, residuals, dy):
+  x, kernel = residuals
+  kh, kw, _, c = kernel.shape
+  dyd = _dilate(dy, strides)
+  dx = _conv_raw(_zero_pad(dyd, _input_grad_padding(x.shape, kernel.shape, padding, dyd.shape)),
+                 kernel[::-1, ::-1], (1, 1), ((0, 0), (0, 0)), c)
+  # dkernel[i, j, c] = sum_{b, h, w} x_pad[b, h + i, w + j, c] * dyd[b, h, w, c]: k*k fused
+  # multiply-reductions (a grouped conv with a batch-sized window is far slower on CPU).
+  xp = _zero_pad(x, ((0, 0, 0), (padding[0][0], padding[0][1], 0),
+                     (padding[1][0], padding[1][1], 0), (0, 0, 0)))
+  hd, wd = dyd.shape[1:3]
+  taps = [jnp.sum(xp[:, i:i + hd, j:j + wd, :] * dyd, axis=(0, 1, 2))
+          for i in range(kh) for j in range(kw)]
+  return dx, jnp.stack(taps).reshape(kh, kw, 1, c)
+
+
+_depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 def batch_norm_init(c: int) -> tuple[Params, Stats]:
@@ -117,9 +245,51 @@ def batch_norm(params: Params, stats: Stats, x: jax.Array, *, train: bool,
 
 
 def max_pool(x: jax.Array, k: int, stride: int, pad: int) -> jax.Array:
-  """``nn.MaxPool2d(k, stride, pad)``: padded positions never win (-inf)."""
+  """``nn.MaxPool2d(k, stride, pad)``: padded positions never win (-inf).
+
+  The gradient goes to the first maximum of each window in row-major order, as PyTorch's CPU
+  kernel does; it is computed with k*k fused compare-and-select passes because XLA:CPU's
+  ``select_and_scatter`` (autodiff of ``reduce_window``) is some 20x slower than the forward.
+  """
+  return _max_pool(x, k, stride, pad)
+
+
+def _max_pool_raw(x, k, stride, pad):
   return lax.reduce_window(x, -jnp.inf, lax.max, (1, k, k, 1), (1, stride, stride, 1),
                            ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x, k, stride, pad):
+  return _max_pool_raw(x, k, stride, pad)
+
+
+def _max_pool_fwd(x, k, stride, pad):
+  y = _max_pool_raw(x, k, stride, pad)
+  return y, (x, y)
+
+
+def _max_pool_bwd(k, stride, pad, residuals, dy):
+  x, y = residuals
+  b, h, w, c = x.shape
+  xp = lax.pad(x, jnp.array(-jnp.inf, x.dtype), ((0, 0, 0), (pad, pad, 0), (pad, pad, 0),
+                                                  (0, 0, 0)))
+  ho, wo = y.shape[1:3]
+  span_h, span_w = (ho - 1) * stride + 1, (wo - 1) * stride + 1
+  taken = jnp.zeros(y.shape, bool)
+  dxp = jnp.zeros(xp.shape, x.dtype)
+  for i in range(k):
+    for j in range(k):
+      window = lax.slice(xp, (0, i, j, 0), (b, i + span_h, j + span_w, c), (1, stride, stride, 1))
+      hit = (window == y) & ~taken
+      taken = taken | hit
+      routed = jnp.where(hit, dy, 0.0)
+      dxp = dxp + _zero_pad(routed, ((0, 0, 0), (i, xp.shape[1] - i - span_h, stride - 1),
+                                     (j, xp.shape[2] - j - span_w, stride - 1), (0, 0, 0)))
+  return (dxp[:, pad:pad + h, pad:pad + w, :],)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def avg_pool(x: jax.Array, k: int, stride: int, pad: int, count_include_pad: bool) -> jax.Array:
