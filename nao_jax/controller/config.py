@@ -15,6 +15,9 @@ Every documented variant of the official code is a field here rather than a fork
   ``+grad`` when the evaluator's score is higher-is-better (PT-V1 accuracy) and ``-grad`` when it
   is lower-is-better (TF error / perplexity / NLL). ``'error'`` turns higher-is-better scores into
   errors first (TF-NAO-CNN's targets on an accuracy evaluator); ``'accuracy'`` the reverse.
+* ``target_transform='rank'``: targets are pool ranks scaled to [0, 1] instead of min-max scores
+  (a deviation, not in the official code): the predictor then spends its resolution on the order
+  of the good architectures, not on how bad the worst ones are.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ _CHOICES = {
     'l2_mode': ('adam_coupled', 'loss'),
     'encoder_dropout_on': ('embeddings', 'outputs'),
     'target_orientation': ('native', 'error', 'accuracy'),
+    'target_transform': ('minmax', 'rank'),
 }
 
 
@@ -64,6 +68,7 @@ class ControllerConfig:
   warm_start: bool = True
   keep_optimizer_state: bool = False
   target_orientation: str = 'native'
+  target_transform: str = 'minmax'
 
   def __post_init__(self):
     for field, choices in _CHOICES.items():

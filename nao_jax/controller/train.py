@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import scipy.stats
 
 from nao_jax.controller.config import ControllerConfig
 from nao_jax.controller.model import Controller
@@ -38,7 +39,8 @@ class ControllerState(NamedTuple):
   step: Array
 
 
-def normalize_targets(scores, higher_is_better: bool, orientation: str = 'native'):
+def normalize_targets(scores, higher_is_better: bool, orientation: str = 'native',
+                      transform: str = 'minmax'):
   """Min-max normalises pool scores to [0, 1] and says which way the predictor should move.
 
   Args:
@@ -46,6 +48,7 @@ def normalize_targets(scores, higher_is_better: bool, orientation: str = 'native
     higher_is_better: whether larger raw scores are better.
     orientation: ``'native'`` (normalise the raw score, as every official code base does),
       ``'error'`` (make larger = worse first) or ``'accuracy'`` (make larger = better first).
+    transform: ``'minmax'`` (official) or ``'rank'`` (average ranks scaled to [0, 1]).
 
   Returns:
     ``(targets float32[N], direction)``: ``direction`` is +1 when larger targets are better
@@ -66,6 +69,10 @@ def normalize_targets(scores, higher_is_better: bool, orientation: str = 'native
     scores, larger_is_better = -scores, not higher_is_better
   elif orientation not in ('native', 'error', 'accuracy'):
     raise ValueError(f"orientation must be 'native', 'error' or 'accuracy', got {orientation!r}")
+  if transform == 'rank':
+    scores = scipy.stats.rankdata(scores)
+  elif transform != 'minmax':
+    raise ValueError(f"transform must be 'minmax' or 'rank', got {transform!r}")
   low, high = scores.min(), scores.max()
   if high == low:
     targets = np.full(scores.shape, 0.5)
@@ -211,6 +218,17 @@ def predict_scores(params, cfg: ControllerConfig, tokens: Array) -> Array:
   model = Controller(cfg)
   return model.apply({'params': params}, tokens,
                      method=lambda m, t: m.predict(m.encode(t)[1]))
+
+
+def predict_in_chunks(params, cfg: ControllerConfig, tokens: np.ndarray,
+                      chunk: int = 256) -> np.ndarray:
+  """``predict_scores`` over any number of rows with one compilation (fixed-size chunks)."""
+  tokens = np.asarray(tokens, np.int32)
+  n = len(tokens)
+  padded = np.concatenate([tokens, np.zeros((-n % chunk, tokens.shape[1]), np.int32)])
+  outputs = [np.asarray(predict_scores(params, cfg, jnp.asarray(padded[i:i + chunk])))
+             for i in range(0, len(padded), chunk)]
+  return np.concatenate(outputs)[:n] if outputs else np.zeros(0, np.float32)
 
 
 @functools.partial(jax.jit, static_argnames=('cfg',))

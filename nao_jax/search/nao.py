@@ -27,7 +27,7 @@ import numpy as np
 from nao_jax import metrics
 from nao_jax.checkpoint import RunCheckpointer
 from nao_jax.controller import (ControllerConfig, capacity_for, init_controller,
-                                normalize_targets, pad_pool, predict_scores, propose,
+                                normalize_targets, pad_pool, predict_in_chunks, propose,
                                 reset_optimizer, train_epochs)
 from nao_jax.search.baselines import sample_unseen
 from nao_jax.search.run import SearchRun
@@ -54,6 +54,10 @@ class NaoSearchConfig:
     rounds: stop after this many proposal rounds (0: until the budget is spent).
     exclude: ``'evaluated'`` never proposes anything evaluated before in this run; ``'pool'``
       only excludes the current pool (the official rule).
+    candidates_per_new: decode ``ceil(candidates_per_new * n)`` unseen candidates for the ``n``
+      places of a round and evaluate the ``n`` the predictor likes best. 1.0 is the official
+      behaviour (evaluate every decoded architecture); larger values spend controller compute
+      (cheap) to save evaluations (expensive), using the predictor the controller trains anyway.
   """
   seed_pool_size: int = 600
   pool_size: int = 0
@@ -67,6 +71,7 @@ class NaoSearchConfig:
   fill_with_random: bool = True
   rounds: int = 0
   exclude: str = 'evaluated'
+  candidates_per_new: float = 1.0
 
   def __post_init__(self):
     if self.pool_policy not in POOL_POLICIES:
@@ -76,6 +81,8 @@ class NaoSearchConfig:
     for field in ('seed_pool_size', 'top_k', 'num_new', 'eta_chunk'):
       if getattr(self, field) < 1:
         raise ValueError(f'nao.{field} must be >= 1, got {getattr(self, field)}')
+    if self.candidates_per_new < 1.0:
+      raise ValueError(f'nao.candidates_per_new must be >= 1, got {self.candidates_per_new}')
     if self.eta_max <= 0 or self.eta_step <= 0:
       raise ValueError(f'nao.eta_max and nao.eta_step must be > 0, got {self.eta_max}, '
                        f'{self.eta_step}')
@@ -121,16 +128,18 @@ def nao_search(run: SearchRun, cfg: NaoSearchConfig, controller_cfg: ControllerC
     order = np.argsort(-scores if run.evaluator.higher_is_better else scores, kind='stable')
     pool, scores = pool[order], scores[order]
     targets, direction = normalize_targets(scores, run.evaluator.higher_is_better,
-                                           controller_cfg.target_orientation)
+                                           controller_cfg.target_orientation,
+                                           controller_cfg.target_transform)
     controller, stats = _train_controller(state['controller'], controller_cfg, space, pool,
                                           targets, capacity, swaps, state['key'], round_index)
     seen = run.known_keys() if cfg.exclude == 'evaluated' else set()
     seen |= {space.canonical_key(a) for a in pool}
     quota = min(cfg.num_new, run.remaining)
-    proposal = propose(controller.params, controller_cfg, space, pool[:cfg.top_k], seen, quota,
-                       cfg.eta_max, direction, cfg.eta_step, cfg.eta_chunk,
-                       seed_capacity=cfg.top_k)
-    new = list(proposal.archs)
+    proposal = propose(controller.params, controller_cfg, space, pool[:cfg.top_k], seen,
+                       int(np.ceil(quota * cfg.candidates_per_new)), cfg.eta_max, direction,
+                       cfg.eta_step, cfg.eta_chunk, seed_capacity=cfg.top_k)
+    new = _best_predicted(controller.params, controller_cfg, space, proposal.archs, quota,
+                          direction)
     n_proposed = len(new)
     randoms = []
     n_random = cfg.num_random if cfg.pool_policy == 'replace_worst_with_random' else 0
@@ -144,7 +153,7 @@ def nao_search(run: SearchRun, cfg: NaoSearchConfig, controller_cfg: ControllerC
       randoms.append(arch)
     new_scores = run.query(new, round_index, 'nao') if new else np.zeros(0)
     random_scores = run.query(randoms, round_index, 'random') if randoms else np.zeros(0)
-    predicted = predict_scores(controller.params, controller_cfg, jnp.asarray(space.to_tokens(pool)))
+    predicted = predict_in_chunks(controller.params, controller_cfg, space.to_tokens(pool))
     logging.info('round %d: controller loss %.4f (mse %.4f, ce %.4f), pool pairwise acc %.3f; '
                  'proposed %d (eta <= %g), random %d; best %.4f; %.1fs', round_index,
                  stats['loss'], stats['mse'], stats['ce'],
@@ -174,6 +183,16 @@ def _train_controller(controller, cfg: ControllerConfig, space, pool, targets, c
   controller, stats = train_epochs(controller, cfg, tokens, padded_targets, valid, swaps,
                                    jnp.int32(cfg.epochs), jax.random.fold_in(round_key, 1))
   return controller, {k: float(v) for k, v in stats.items()}
+
+
+def _best_predicted(params, cfg: ControllerConfig, space, archs: np.ndarray, n: int,
+                    direction: int) -> list[np.ndarray]:
+  """The ``n`` candidates with the best predicted scores, in proposal order when not ranking."""
+  if len(archs) <= n:
+    return list(archs)
+  predicted = predict_in_chunks(params, cfg, space.to_tokens(archs))
+  order = np.argsort(-direction * predicted, kind='stable')[:n]
+  return [archs[i] for i in np.sort(order)]
 
 
 def _distinct_random(run: SearchRun, rng: np.random.Generator, n: int) -> np.ndarray:
