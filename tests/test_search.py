@@ -245,3 +245,29 @@ def test_tabular_evaluator_reads_costs(table_path):
   evaluator = TabularEvaluator(nb201_data.load_table(table_path))
   record = evaluator.evaluate(SPACE.parse('|none~0|+|none~0|none~1|+|none~0|none~1|none~2|')[None])[0]
   assert record == {'score': pytest.approx(60.0), 'cost': 100.0}
+
+
+def test_export_nb201_writes_a_table_the_loader_reads(tmp_path):
+  from experiments import export_nb201  # pylint: disable=import-outside-toplevel
+
+  class FakeApi:  # the two NATS-Bench calls the exporter uses
+    archs = [SPACE.format(a) for a in SPACE.sample(np.random.default_rng(0), 30)]
+    archs = sorted(set(archs))
+
+    def __len__(self):
+      return len(self.archs)
+
+    def arch(self, index):
+      return self.archs[index]
+
+    def get_more_info(self, index, dataset, hp, is_random):
+      assert (dataset, hp, is_random) == ('cifar10-valid', '200', False)
+      return {'valid-accuracy': 50.0 + index, 'train-all-time': 10.0 * index}
+
+  out = tmp_path / 'table.csv'
+  rows = export_nb201.export_table(FakeApi(), 'cifar10-valid', '200', str(out))
+  table = nb201_data.load_table(str(out))
+  assert rows == len(table.archs) == len(FakeApi.archs)
+  assert [SPACE.format(a) for a in table.archs] == FakeApi.archs
+  np.testing.assert_allclose(table.accuracy, 50.0 + np.arange(rows))
+  np.testing.assert_allclose(table.train_seconds, 10.0 * np.arange(rows))
