@@ -5,7 +5,9 @@
   ``T * B`` over the median step time after warm-up; ``mfu`` is model FLOP/s over the FLOP/s of a
   2048^3 float32 matmul measured right before each step (median over steps); ``mfu_cpu_time`` is
   the same ratio with process CPU time in place of wall time for both, which other processes on a
-  shared host disturb much less. Model FLOPs count only the matmuls, 2·m·n·k
+  shared host disturb much less; ``train_tok_per_cpu_s`` is tokens per CPU-second of this process
+  (times the number of cores: what an idle machine would give with perfect thread scaling).
+  Model FLOPs count only the matmuls, 2·m·n·k
   forward (``x @ W0[:E]`` and ``h @ W0[E:]``, the 11 node matmuls, the 850 x 10,000 softmax),
   times 3 for forward + backward; the embedding lookup and elementwise work are not counted.
 * Weight-sharing supernet at the WS search config (E = H = 300, batch 256, BPTT 35): median
@@ -89,7 +91,7 @@ def time_fixed(steps: int, warmup: int, seq_len: int = 35, batch: int = 64) -> d
   rng = np.random.default_rng(0)
   key = jax.random.PRNGKey(1)
   flops = model_flops(cfg, seq_len, batch)
-  times, mfu, mfu_cpu, peaks = [], [], [], []
+  times, cpu_times, mfu, mfu_cpu, peaks = [], [], [], [], []
   for i in range(warmup + steps):
     inputs, targets = _window(rng, cfg, seq_len, batch)
     if i >= warmup:  # the peak is re-measured next to every step: the host is shared
@@ -104,6 +106,7 @@ def time_fixed(steps: int, warmup: int, seq_len: int = 35, batch: int = 64) -> d
       first_s = wall
     if i >= warmup:
       times.append(wall)
+      cpu_times.append(cpu)
       mfu.append(flops / wall / peak)
       mfu_cpu.append(flops / cpu / peak_cpu)
       peaks.append(peak)
@@ -111,6 +114,7 @@ def time_fixed(steps: int, warmup: int, seq_len: int = 35, batch: int = 64) -> d
   return {'step_s': step_s, 'flops': flops, 'tok_per_s': seq_len * batch / step_s,
           'mfu': statistics.median(mfu), 'mfu_cpu': statistics.median(mfu_cpu),
           'peak': statistics.median(peaks), 'compile_s': first_s - step_s,
+          'tok_per_cpu_s': seq_len * batch / statistics.median(cpu_times),
           'loss': float(metrics['loss'])}
 
 
@@ -161,6 +165,7 @@ def main() -> None:
       'model_gflop_per_step': round(fixed['flops'] / 1e9, 1),
       'matmul_gflop_per_s': round(fixed['peak'] / 1e9, 1),
       'compile_s': round(fixed['compile_s'], 1),
+      'train_tok_per_cpu_s': round(fixed['tok_per_cpu_s'], 1),
   }
   if not args.skip_ws:
     ws = time_ws(args.ws_steps, args.warmup)
