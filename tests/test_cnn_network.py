@@ -18,7 +18,7 @@ from nao_jax.cnn import train as train_lib
 WS, NAO = spaces.WS_SPACE, spaces.NAO_SPACE
 BN = 1 / np.sqrt(1 + 1e-5)  # a fresh BatchNorm in eval mode only rescales by this
 
-# -- parameter counts (measured on the PyTorch reference, project defaults) -------------------------
+# -- parameter counts (measured on the PyTorch reference, project defaults) ---------------------
 
 
 @pytest.mark.parametrize('name,layers,channels,without_aux,with_aux', [
@@ -54,6 +54,8 @@ def test_plan_channels_reductions_and_segments():
                           (16, 20))
   assert net.aux_head_index == 13
   assert [b.stride for b in net.cells[6].branches] == [2, 2, 2, 2, 2, 2, 2, 1, 2, 2]
+  # conv3x3(h0) of nodes 2 and 6 run as one conv, as do conv3x3(h1) of nodes 3 and 4.
+  assert net.merge_groups(net.cells[0]) == {0: (0, 9), 9: (0, 9), 3: (3, 5), 5: (3, 5)}
 
 
 def _count_eqns(jaxpr) -> int:

@@ -1,5 +1,7 @@
-"""CNN op library: shapes of every op of both spaces, PT semantics of pools/BN/FR, init, drop-path."""
+"""CNN op library: shapes of every op of both spaces, PT semantics of pools/BN/FR, hand-written
+VJPs, init, drop-path."""
 
+import functools
 import math
 
 import jax
@@ -83,6 +85,19 @@ def test_avg_pool_5x5_counts_padding_in_nao_space():
   assert float(y[0, 1, 1, 0]) == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize('k,stride,include', [(3, 1, False), (3, 2, False), (5, 2, True),
+                                               (5, 1, False), (5, 3, True)])
+def test_avg_pool_matches_2d_window_reference(k, stride, include):
+  x = _x((2, 9, 8, 3))
+  pad = k // 2 if k != 5 or stride != 3 else 0
+  padding = ((0, 0), (pad, pad), (pad, pad), (0, 0))
+  total = lax.reduce_window(x, 0.0, lax.add, (1, k, k, 1), (1, stride, stride, 1), padding)
+  count = lax.reduce_window(jnp.ones_like(x), 0.0, lax.add, (1, k, k, 1), (1, stride, stride, 1),
+                            padding)
+  ref = total / (k * k if include else count)
+  np.testing.assert_allclose(ops.avg_pool(x, k, stride, pad, include), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_2x2_pools_zero_pad_bottom_right():
   x = -jnp.ones((1, 4, 4, 1))
   max2 = TABLES['nao'][spaces.NAO_SPACE.ops.index('max_pool_2x2')]
@@ -101,6 +116,38 @@ def test_2x2_pools_zero_pad_bottom_right():
 def test_max_pool_never_picks_padding():
   x = -jnp.ones((1, 4, 4, 1))
   assert float(ops.max_pool(x, 3, 1, 1).max()) == -1.0
+
+
+@pytest.mark.parametrize('k,stride', [(3, 1), (3, 2), (2, 2), (5, 2)])
+def test_max_pool_gradient_goes_to_first_maximum(k, stride):
+  pad = k // 2 if k % 2 else 0
+  x = jnp.round(_x((2, 7, 7, 2)) * 2) / 2  # many ties
+  grad = jax.grad(lambda x: jnp.sum(ops.max_pool(x, k, stride, pad) * jnp.arange(1.0, 3.0)))(x)
+  # Reference: route each window's gradient to its first (row-major) maximum.
+  xp = np.pad(np.asarray(x), ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-np.inf)
+  ref = np.zeros_like(xp)
+  y = np.asarray(ops.max_pool(x, k, stride, pad))
+  for b, i, j, c in np.ndindex(*y.shape):
+    window = xp[b, i * stride:i * stride + k, j * stride:j * stride + k, c]
+    di, dj = np.unravel_index(np.argmax(window), window.shape)
+    ref[b, i * stride + di, j * stride + dj, c] += c + 1
+  np.testing.assert_array_equal(grad, ref[:, pad:pad + 7, pad:pad + 7])
+
+
+def test_conv_and_depthwise_gradients_match_autodiff_of_lax_conv():
+  # conv2d has hand-written VJPs (canonical-layout backward convs); check them against JAX.
+  cases = [((3, 3), 1, 1, (1, 1)), ((1, 7), (1, 2), 1, (0, 3)), ((5, 5), 2, 1, (2, 2)),
+           ((3, 3), 2, C, (1, 1)), ((5, 5), 1, C, (2, 2))]
+  x = _x((2, 7, 7, C))
+  for (kh, kw), stride, groups, (ph, pw) in cases:
+    w = ops.conv_init(jax.random.key(kh * kw), kh, kw, C, C, groups=groups)
+    padding = ((ph, ph), (pw, pw))
+    mine = jax.grad(lambda x, w: jnp.sum(jnp.sin(ops.conv2d(x, w, stride, padding, groups))),
+                    (0, 1))(x, w)
+    ref = jax.grad(lambda x, w: jnp.sum(jnp.sin(_conv_ref(x, w, stride, padding, groups))),
+                   (0, 1))(x, w)
+    for a, b in zip(mine, ref):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_batch_norm_train_and_eval():
@@ -159,6 +206,18 @@ def test_conv_1x7_7x1_strides_each_axis_once():
   np.testing.assert_allclose(y, h, rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match='C -> C'):
     op.init(jax.random.key(0), C, 2 * C, 1)
+
+
+def test_merged_relu_conv_bn_equals_separate_ops():
+  op = TABLES['nao'][spaces.NAO_SPACE.ops.index('conv_3x3')]
+  inits = [op.init(jax.random.key(i), C, C, 2) for i in range(3)]
+  x = _x()
+  ys, stats = ops.relu_conv_bn_apply_many([p for p, _ in inits], [s for _, s in inits], x,
+                                          stride=2, train=True)
+  for (p, s), y, new in zip(inits, ys, stats):
+    ref_y, ref_s = op.apply(p, s, x, stride=2, train=True)
+    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), new, ref_s)
 
 
 def test_conv2d_1x1_fast_path_equals_convolution():
