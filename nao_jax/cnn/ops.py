@@ -63,7 +63,8 @@ def host_random(key: jax.Array, shape: Sequence[int], kind: str = 'normal') -> j
   shape = tuple(shape)
   key_data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
   return jax.pure_callback(functools.partial(_host_draw, kind=kind, shape=shape),
-                           jax.ShapeDtypeStruct(shape, jnp.float32), key_data)
+                           jax.ShapeDtypeStruct(shape, jnp.float32), key_data,
+                           vmap_method='sequential')
 
 
 def kaiming_normal(key: jax.Array, shape: Sequence[int], fan_in: int) -> jax.Array:
