@@ -166,10 +166,15 @@ def _select(index, trees):
   return jax.tree.map(lambda *xs: lax.select_n(index, *xs), *trees)
 
 
-def _stack(trees):
-  """Stacks identically structured trees on a new leading axis (init runs eagerly per copy:
-  the op library's initialisers draw on the host and do not vmap)."""
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+def _map_init(init: Callable, keys: jax.Array):
+  """``init`` over an array of keys ``[*S]``, results stacked to ``[*S, ...]``.
+
+  ``lax.map`` rather than ``vmap``: the op library draws initial weights with host callbacks,
+  which do not batch; a map calls them once per key, exactly as separate ``init`` calls would.
+  """
+  flat = keys.reshape(-1)
+  out = lax.map(init, flat)
+  return jax.tree.map(lambda a: a.reshape(keys.shape + a.shape[1:]), out)
 
 
 def _drop_arg(fn, position: int, *args):
@@ -284,7 +289,7 @@ class Supernet:
     for name, k in zip(self.param_ops, jax.random.split(key, len(self.param_ops))):
       op = self.ops[self.op_names.index(name)]
       keys = jax.random.split(k, 2 * SLOTS).reshape(2, SLOTS)
-      p, s = _stack([_stack([op.init(kk, c, c, 1) for kk in row]) for row in keys])
+      p, s = _map_init(lambda kk, op=op: op.init(kk, c, c, 1), keys)
       params[name] = p
       stats[name] = jax.tree.map(lambda a: jnp.broadcast_to(a[0, :1], (NODES, 2) + a.shape[2:]),
                                  s)
@@ -296,7 +301,7 @@ class Supernet:
     owners = 2 if self.config.y_branch_own_fr else 1
     keys = jax.random.split(key, owners * NODES * 2).reshape(owners, NODES, 2)
     init = lambda kk: ops.factorized_reduce_init(kk, c, c)
-    return _stack([_stack([_stack([init(kk) for kk in row]) for row in node]) for node in keys])
+    return _map_init(init, keys)
 
   def init_cell(self, key: jax.Array, plan: SuperCellPlan) -> tuple[Params, Stats]:
     """Parameters and statistics of one cell (unstacked)."""
@@ -320,7 +325,13 @@ class Supernet:
             {'calibrate': s_cal, 'nodes': s_nodes, 'combine': s_comb})
 
   def init(self, key: jax.Array) -> tuple[Params, Stats]:
-    """Returns ``(params, batch_stats)``; cheap to shape-evaluate with ``jax.eval_shape``."""
+    """Returns ``(params, batch_stats)``; cheap to shape-evaluate with ``jax.eval_shape``.
+
+    Jitted: the thousands of small initialisers would otherwise each dispatch eagerly.
+    """
+    return _jitted_init(self.config, self.space)(key)
+
+  def _init(self, key: jax.Array) -> tuple[Params, Stats]:
     cfg = self.config
     k_stem, k_cells, k_cls = jax.random.split(key, 3)
     stem_p, stem_s = ops.conv_bn_init(k_stem, 3, cfg.stem_multiplier * cfg.channels, 3, 3)
@@ -543,6 +554,12 @@ class Supernet:
       mask = jax.random.bernoulli(do_rng, cfg.dropout_keep, feats.shape)
       feats = jnp.where(mask, feats / cfg.dropout_keep, 0.0)
     return ops.linear_apply(params['classifier'], feats), new_stats
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_init(config: SupernetConfig, space: SearchSpace) -> Callable:
+  """One jitted ``init`` per configuration (a fresh ``jax.jit`` per call would recompile)."""
+  return jax.jit(Supernet(config, space)._init)
 
 
 def count_params(tree) -> int:

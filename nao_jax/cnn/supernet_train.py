@@ -26,6 +26,7 @@ global batch (XLA inserts the all-reduce).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -36,7 +37,7 @@ import optax
 from jax import lax
 
 from nao_jax.cnn import network as network_lib
-from nao_jax.cnn.supernet import Supernet
+from nao_jax.cnn.supernet import Supernet, SupernetConfig
 from nao_jax.spaces import WS_SPACE
 from nao_jax.spaces.base import SearchSpace
 
@@ -107,8 +108,10 @@ def cosine_per_epoch(lr_max: float, lr_min: float, epochs: int,
   ``e = count // steps_per_epoch``, constant within an epoch (epoch 0 runs at ``lr_max``).
   """
   def schedule(count):
-    epoch = jnp.minimum(count // steps_per_epoch, epochs).astype(jnp.float32)
-    return lr_min + (lr_max - lr_min) * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / epochs))
+    # numpy for host integers (logging without device work), jnp for traced counts.
+    xp = jnp if isinstance(count, jax.Array) else np
+    epoch = xp.minimum(count // steps_per_epoch, epochs).astype(xp.float32)
+    return lr_min + (lr_max - lr_min) * 0.5 * (1.0 + xp.cos(np.pi * epoch / epochs))
   return schedule
 
 
@@ -142,8 +145,8 @@ def _constrain(x: jax.Array, sharding) -> jax.Array:
 
 
 def make_train_step(supernet: Supernet, optimizer: optax.GradientTransformation, *,
-                    total_steps: int, data_sharding: jax.sharding.Sharding | None = None,
-                    jit: bool = True
+                    total_steps: int, restart_every: int | None = None,
+                    data_sharding: jax.sharding.Sharding | None = None, jit: bool = True
                     ) -> Callable[..., tuple[SupernetState, dict[str, jax.Array]]]:
   """Builds ``train_step(state, images, labels, arch, rng) -> (state, metrics)``.
 
@@ -154,6 +157,8 @@ def make_train_step(supernet: Supernet, optimizer: optax.GradientTransformation,
     supernet: the supernet (its config sets drop-path and dropout).
     optimizer: e.g. ``make_optimizer(config)``.
     total_steps: drop-path schedule length; PT-V1 uses ``r_step = (step + 1) / total_steps``.
+    restart_every: restart the drop-path ramp every this many steps (NAO-V2's per-round
+      schedule), or None.
     data_sharding: sharding of the batch axis (data parallelism), or None.
     jit: return the jitted, donating function (False: the plain function, for tracing).
 
@@ -166,7 +171,8 @@ def make_train_step(supernet: Supernet, optimizer: optax.GradientTransformation,
   def train_step(state: SupernetState, images: jax.Array, labels: jax.Array, arch: jax.Array,
                  rng: jax.Array) -> tuple[SupernetState, dict[str, jax.Array]]:
     images, labels = _constrain(images, data_sharding), _constrain(labels, data_sharding)
-    progress = network_lib.drop_path_progress(state.step + 1, total_steps)
+    step = state.step if restart_every is None else state.step % restart_every
+    progress = network_lib.drop_path_progress(step + 1, total_steps)
 
     def loss_fn(params):
       logits, batch_stats = supernet.apply(params, state.batch_stats, images, arch, train=True,
@@ -229,6 +235,61 @@ def make_score_fn(supernet: Supernet, *, keep_bn_updates: bool = True,
   return jax.jit(score) if jit else score
 
 
+# -- shared compiled programs ----------------------------------------------------------------------
+
+
+def build_train_step(supernet_config: SupernetConfig, train_config: TrainConfig, *,
+                     restart_every_epochs: int | None = None,
+                     data_sharding: jax.sharding.Sharding | None = None
+                     ) -> tuple[Supernet, optax.GradientTransformation, Callable]:
+  """``(supernet, optimizer, jitted train_step)`` for a recipe, memoised on its arguments.
+
+  Everything that builds the same recipe in one process (several evaluators, tests) shares one
+  jitted function and hence one compilation.
+
+  Args:
+    supernet_config: the supernet.
+    train_config: the recipe; the learning rate is ``cosine_per_epoch`` over
+      ``train_config.epochs`` and drop-path ramps over ``train_config.total_steps``.
+    restart_every_epochs: NAO-V2: both schedules restart every this many epochs instead (the
+      cosine then spans ``restart_every_epochs``).
+    data_sharding: sharding of the batch axis, or None.
+  """
+  return _build_train_step(supernet_config, train_config, restart_every_epochs, data_sharding)
+
+
+@functools.lru_cache(maxsize=16)
+def _build_train_step(supernet_config, train_config, restart_every_epochs, data_sharding):
+  supernet = Supernet(supernet_config)
+  spe = train_config.steps_per_epoch
+  if restart_every_epochs is None:
+    schedule = cosine_per_epoch(train_config.lr_max, train_config.lr_min, train_config.epochs,
+                                spe)
+    total, restart = train_config.total_steps, None
+  else:
+    period = restart_every_epochs * spe
+    cosine = cosine_per_epoch(train_config.lr_max, train_config.lr_min, restart_every_epochs,
+                              spe)
+    schedule = lambda count: cosine(count % period)
+    total, restart = period, period
+  optimizer = make_optimizer(train_config, learning_rate=schedule)
+  step = make_train_step(supernet, optimizer, total_steps=total, restart_every=restart,
+                         data_sharding=data_sharding)
+  return supernet, optimizer, step
+
+
+def build_score_fn(supernet_config: SupernetConfig, *, keep_bn_updates: bool = True,
+                   data_sharding: jax.sharding.Sharding | None = None) -> Callable:
+  """The jitted ``make_score_fn`` of a supernet config, memoised (one compilation shared)."""
+  return _build_score_fn(supernet_config, keep_bn_updates, data_sharding)
+
+
+@functools.lru_cache(maxsize=16)
+def _build_score_fn(supernet_config, keep_bn_updates, data_sharding):
+  return make_score_fn(Supernet(supernet_config), keep_bn_updates=keep_bn_updates,
+                       data_sharding=data_sharding)
+
+
 # -- sampling ---------------------------------------------------------------------------------------
 
 _PARAM_COUNT_CACHE: dict[tuple, int] = {}
@@ -282,5 +343,6 @@ def sampling_probabilities(archs: np.ndarray, policy: str = 'uniform', *,
 
 
 __all__ = ['SupernetState', 'TrainConfig', 'cosine_per_epoch', 'make_optimizer', 'create_state',
-           'make_train_step', 'make_score_fn', 'standalone_param_counts',
+           'make_train_step', 'make_score_fn', 'build_train_step', 'build_score_fn',
+           'standalone_param_counts',
            'sampling_probabilities', 'SAMPLE_POLICIES']

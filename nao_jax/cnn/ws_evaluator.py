@@ -1,0 +1,419 @@
+"""Weight-sharing evaluator: a CIFAR supernet trained on the pool, scoring architectures.
+
+Fits ``nao_jax.search.evaluators``: ``space``, ``higher_is_better``, ``score_name``,
+``stationary``, ``evaluate(archs)`` and ``start_round(pool_archs, round_index)``. PT-V1 protocol
+(spec §5.2, §5.4): before each round's scoring the supernet trains ``epochs_per_round`` (30)
+epochs on the current pool, one architecture per step sampled uniformly (or proportionally to
+its stand-alone size, NAO-V2), on a cosine schedule spanning all rounds (150 epochs); every
+architecture is then scored by its top-1 accuracy on one 500-image validation batch, BN in
+training mode, dropout off.
+
+Usage::
+
+    evaluator = SupernetEvaluator(WsEvaluatorConfig(), x_train, y_train, x_valid, y_valid)
+    evaluator.start_round(pool, 0)             # trains 30 epochs on the pool, scores it
+    records = evaluator.evaluate(pool)         # [{'score': accuracy, 'cost': seconds}, ...]
+    arrays, meta = evaluator.state_dict()      # for RunCheckpointer.save(step, arrays, meta)
+    evaluator.load_state_dict(arrays, meta)    # arrays restored into state_dict()[0]'s layout
+
+Validation batches (``score_batches``): ``'fixed'`` (default) scores every architecture on the
+same 500 images in every round: PT draws a fresh random batch per architecture and TF a different
+sequential one, so part of the score differences between architectures is the batch, not the
+architecture (spec §9.1 #15): the controller is trained on that noise. ``'random'`` is PT's
+protocol (a random 500 of the 5k split per architecture, deterministic per (seed, round,
+architecture)); ``'sequential'`` is TF's (the i-th architecture scored in a round gets batch i
+mod 10).
+
+Resume: ``state_dict()`` holds parameters, BatchNorm statistics, optimizer state, step and base
+key as arrays, and the round bookkeeping and data position as JSON. Data order and architecture
+sampling are pure functions of ``(seed, epoch)`` and ``(seed, step)``, so the step alone fixes the
+data position. ``start_round`` is idempotent: called again for a round that has already been
+trained (a restart after the round's checkpoint) it trains nothing; called for the round in
+progress (a checkpoint taken by ``checkpoint_callback`` mid-round) it trains only the remaining
+steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import time
+import zlib
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from nao_jax.cnn import supernet as supernet_lib
+from nao_jax.cnn import supernet_train as st
+from nao_jax.data import augment
+from nao_jax.spaces import WS_SPACE
+
+SCORE_BATCHES = ('fixed', 'random', 'sequential')
+
+
+@dataclasses.dataclass(frozen=True)
+class WsEvaluatorConfig:
+  """Supernet, training and scoring settings (defaults: PT-V1 search).
+
+  Attributes:
+    supernet: the supernet (N=3, C=20, drop-path keep 0.9, dropout keep 1.0).
+    train: optimizer recipe and schedule; ``train.epochs`` is the length of the cosine and
+      drop-path schedules (150 = 5 rounds of 30); ``train.train_size`` is overridden by the data.
+    epochs_per_round: supernet epochs before each round's scoring (PT-V1: 30; V2: 50).
+    restart_schedule_each_round: NAO-V2's fresh cosine (and drop-path ramp) every round, each
+      ``epochs_per_round`` long, instead of one schedule over ``train.epochs``.
+    sample_policy: ``'uniform'`` (PT-V1) or ``'params'`` (NAO-V2: probability proportional to the
+      parameter count of the stand-alone network with ``param_count_layers`` /
+      ``param_count_channels``).
+    score_batch_size: validation images per architecture (PT/TF: 500).
+    score_batches: ``'fixed'`` (default; see the module docstring), ``'random'`` (PT-V1),
+      ``'sequential'`` (TF-WS).
+    keep_score_bn_updates: scoring updates the running BN statistics, as PT does (scores never
+      depend on them).
+    score_capacity: architectures per compiled scoring call (larger pools take several calls;
+      padding costs no compute).
+    prescore_pool: score the pool at the end of ``start_round`` in one program and answer
+      ``evaluate`` from that (the search loop asks one architecture at a time).
+    mean, std: per-channel normalisation of the [0, 1] images (PT: CIFAR-10 mean/std).
+    log_every: steps between metric fetches (NaN guard, ``progress_callback``).
+    seed: data order, architecture sampling, initialisation, drop-path.
+    param_count_layers, param_count_channels: stand-alone network of the ``'params'`` policy.
+  """
+  supernet: supernet_lib.SupernetConfig = supernet_lib.SupernetConfig()
+  train: st.TrainConfig = st.TrainConfig()
+  epochs_per_round: int = 30
+  restart_schedule_each_round: bool = False
+  sample_policy: str = 'uniform'
+  score_batch_size: int = 500
+  score_batches: str = 'fixed'
+  keep_score_bn_updates: bool = True
+  score_capacity: int = 1024
+  prescore_pool: bool = True
+  mean: tuple[float, ...] = augment.CIFAR10_MEAN
+  std: tuple[float, ...] = augment.CIFAR10_STD
+  log_every: int = 100
+  seed: int = 0
+  param_count_layers: int = 3
+  param_count_channels: int = 20
+
+
+@jax.jit
+def _prepare_batch(images_u8, labels, idx, base_key, step, mean, std):
+  """Batch ``idx`` of the training images augmented with the step's key, and the key left for
+  the training step (drop-path): ``(float32[B, H, W, 3], int32[B], key)``."""
+  k_aug, k_net = jax.random.split(jax.random.fold_in(base_key, step))
+  x = augment.augment_train(jnp.take(images_u8, idx, axis=0), k_aug, cutout=None,
+                            normalization='mean_std', mean=mean, std=std)
+  return x, jnp.take(labels, idx, axis=0), k_net
+
+
+def _digest(archs: np.ndarray) -> str:
+  return hashlib.sha1(np.ascontiguousarray(archs, np.int32).tobytes()).hexdigest()
+
+
+class SupernetEvaluator:
+  """Scores architectures of ``WS_SPACE`` with a weight-sharing supernet.
+
+  Args:
+    config: settings.
+    train_images: ``uint8[N, H, W, 3]`` (the 45k training part of the search split).
+    train_labels: ``int[N]``.
+    valid_images: ``uint8[M, H, W, 3]`` (the 5k held-out part).
+    valid_labels: ``int[M]``.
+    mesh: a mesh with a ``'data'`` axis for data parallelism (batch sharded, state and
+      architecture replicated), or None for the default device.
+    progress_callback: called with ``{'step', 'round', 'loss', 'accuracy', 'grad_norm', 'lr',
+      'arch_index'}`` every ``log_every`` steps.
+    checkpoint_callback: called with no arguments every ``checkpoint_every`` steps during
+      training (save ``state_dict()`` there to resume mid-round).
+    checkpoint_every: steps between ``checkpoint_callback`` calls (0: never).
+  """
+
+  space = WS_SPACE
+  higher_is_better = True
+  score_name = 'ws_valid_accuracy'
+  stationary = False
+
+  def __init__(self, config: WsEvaluatorConfig, train_images: np.ndarray,
+               train_labels: np.ndarray, valid_images: np.ndarray, valid_labels: np.ndarray, *,
+               mesh: jax.sharding.Mesh | None = None,
+               progress_callback: Callable[[dict], None] | None = None,
+               checkpoint_callback: Callable[[], None] | None = None,
+               checkpoint_every: int = 0):
+    if config.score_batches not in SCORE_BATCHES:
+      raise ValueError(f'score_batches must be one of {SCORE_BATCHES}, '
+                       f'got {config.score_batches!r}')
+    if config.sample_policy not in st.SAMPLE_POLICIES:
+      raise ValueError(f'sample_policy must be one of {st.SAMPLE_POLICIES}, '
+                       f'got {config.sample_policy!r}')
+    if len(valid_images) < config.score_batch_size:
+      raise ValueError(f'{len(valid_images)} validation images < score_batch_size '
+                       f'{config.score_batch_size}')
+    train_cfg = dataclasses.replace(config.train, train_size=len(train_images))
+    if train_cfg.steps_per_epoch < 1:
+      raise ValueError(f'{len(train_images)} training images < batch {train_cfg.batch_size}')
+    self.config = dataclasses.replace(config, train=train_cfg)
+    self.train_config = train_cfg
+    self.progress_callback = progress_callback
+    self.checkpoint_callback = checkpoint_callback
+    self.checkpoint_every = checkpoint_every
+
+    # Devices: replicated state and data, batches sharded over 'data'.
+    if mesh is not None:
+      replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+      self._data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+      put = lambda x: jax.device_put(x, replicated)
+    else:
+      self._data_sharding = None
+      put = jnp.asarray
+    self._put = put
+
+    restart = config.epochs_per_round if config.restart_schedule_each_round else None
+    self.supernet, self.optimizer, self._train_step = st.build_train_step(
+        config.supernet, train_cfg, restart_every_epochs=restart,
+        data_sharding=self._data_sharding)
+    spe = train_cfg.steps_per_epoch
+    if restart is None:
+      self._lr = st.cosine_per_epoch(train_cfg.lr_max, train_cfg.lr_min, train_cfg.epochs, spe)
+    else:
+      cosine = st.cosine_per_epoch(train_cfg.lr_max, train_cfg.lr_min, restart, spe)
+      self._lr = lambda count: cosine(count % (restart * spe))
+    self._score = st.build_score_fn(config.supernet,
+                                    keep_bn_updates=config.keep_score_bn_updates,
+                                    data_sharding=self._data_sharding)
+
+    self._train_images = put(np.asarray(train_images, np.uint8))
+    self._train_labels = put(np.asarray(train_labels, np.int32))
+    self._mean = jnp.asarray(config.mean, jnp.float32)
+    self._std = jnp.asarray(config.std, jnp.float32)
+    self._valid_images = put(np.asarray(augment.preprocess_eval(
+        jnp.asarray(valid_images, jnp.uint8), 'mean_std', self._mean, self._std)))
+    self._valid_labels = put(np.asarray(valid_labels, np.int32))
+    self._num_valid = len(valid_images)
+    self._key = jax.random.key(config.seed)
+    self.state = jax.tree.map(put, st.create_state(self.supernet, self.optimizer,
+                                                   jax.random.fold_in(self._key, 0)))
+    self._round = -1                 # round whose training was started last
+    self._round_start_step = 0
+    self._round_done = False
+    self._pool_digest = ''
+    self._sequential_counter = 0
+    self._cache: dict[bytes, dict] = {}
+    self.last_metrics: dict[str, float] = {}
+
+  # -- one training step ----------------------------------------------------------------------
+
+  def _step(self, arch: np.ndarray, step: int) -> dict[str, jax.Array]:
+    """Global step ``step`` on ``arch``: gather the batch, augment (pad-crop, flip, mean/std;
+    no cutout, as PT's search), train. Augmentation is its own small program, so the training
+    step is the one ``build_train_step`` shares."""
+    images, labels, key = _prepare_batch(self._train_images, self._train_labels,
+                                         self._put(self._batch_indices(step)), self._key,
+                                         np.int32(step + 1), self._mean, self._std)
+    self.state, metrics = self._train_step(self.state, images, labels, arch, key)
+    return metrics
+
+  # -- data order -------------------------------------------------------------------------------
+
+  def _batch_indices(self, step: int) -> np.ndarray:
+    """Training images of global step ``step``: ``int32[B]`` (a function of (seed, step))."""
+    cfg = self.train_config
+    epoch, b = divmod(step, cfg.steps_per_epoch)
+    perm = np.random.default_rng([self.config.seed, 1, epoch]).permutation(cfg.train_size)
+    idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+    if len(idx) < cfg.batch_size:  # partial last batch (drop_last=False): fill from the start
+      idx = np.concatenate([idx, perm[:cfg.batch_size - len(idx)]])
+    return idx.astype(np.int32)
+
+  def _arch_index(self, step: int, probs: np.ndarray) -> int:
+    return int(np.random.default_rng([self.config.seed, 2, step]).choice(len(probs), p=probs))
+
+  def data_position(self) -> dict[str, int]:
+    """``{'step', 'epoch', 'batch_in_epoch'}`` of the next training step."""
+    step = int(self.state.step)
+    epoch, b = divmod(step, self.train_config.steps_per_epoch)
+    return {'step': step, 'epoch': epoch, 'batch_in_epoch': b}
+
+  # -- training ---------------------------------------------------------------------------------
+
+  def sampling_probabilities(self, pool_archs: np.ndarray) -> np.ndarray:
+    """Per-step probabilities of the pool's architectures under ``config.sample_policy``."""
+    return st.sampling_probabilities(pool_archs, self.config.sample_policy,
+                                     layers=self.config.param_count_layers,
+                                     channels=self.config.param_count_channels)
+
+  def train_steps(self, pool_archs: np.ndarray, num_steps: int, *, probs=None,
+                  arch_indices: Sequence[int] | None = None) -> dict:
+    """Runs ``num_steps`` supernet steps on architectures drawn from ``pool_archs``.
+
+    Args:
+      pool_archs: ``int32[P, 2, 5, 4]``.
+      num_steps: steps to run.
+      probs: sampling probabilities (default: ``sampling_probabilities(pool_archs)``).
+      arch_indices: the pool index of each step's architecture instead of sampling.
+
+    Returns:
+      The metrics of the last step (``{}`` if no step ran).
+    """
+    pool_archs = np.asarray(pool_archs, np.int32)
+    if arch_indices is None and num_steps > 0:
+      probs = self.sampling_probabilities(pool_archs) if probs is None else probs
+    metrics, done_list = None, []
+    for _ in range(num_steps):
+      step = int(self.state.step)
+      arch_index = (self._arch_index(step, probs) if arch_indices is None
+                    else int(arch_indices[len(done_list)]))
+      done_list.append(arch_index)
+      metrics = self._step(pool_archs[arch_index], step)
+      done = step + 1
+      if self.config.log_every and done % self.config.log_every == 0:
+        self._log(metrics, done, arch_index)
+      if self.checkpoint_every and self.checkpoint_callback and done % self.checkpoint_every == 0:
+        self.checkpoint_callback()
+    if metrics is not None:
+      self._log(metrics, int(self.state.step), None)
+    return self.last_metrics
+
+  def _log(self, metrics, step: int, arch_index: int | None) -> None:
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not all(math.isfinite(v) for v in values.values()):
+      raise FloatingPointError(f'supernet training diverged at step {step}: {values}')
+    values.update(step=step, round=self._round, lr=float(self._lr(step - 1)))
+    if arch_index is not None:
+      values['arch_index'] = arch_index
+    self.last_metrics = values
+    if self.progress_callback is not None:
+      self.progress_callback(values)
+
+  def start_round(self, pool_archs: np.ndarray, round_index: int) -> None:
+    """Trains the supernet ``epochs_per_round`` epochs on ``pool_archs`` (then scores them).
+
+    Idempotent across restarts: a round already trained is not trained again, and the round in
+    progress continues from the restored step (the pool must then be the same).
+    """
+    pool_archs = np.stack([WS_SPACE.validate(a) for a in pool_archs]).astype(np.int32)
+    digest = _digest(pool_archs)
+    if round_index < self._round or (round_index == self._round and self._round_done):
+      if round_index == self._round and digest != self._pool_digest:
+        raise ValueError(f'round {round_index} was trained on a different pool')
+      return
+    if round_index == self._round:
+      if digest != self._pool_digest:
+        raise ValueError(f'round {round_index} is being resumed with a different pool')
+    else:
+      self._round, self._round_start_step = round_index, int(self.state.step)
+      self._round_done, self._pool_digest = False, digest
+    self._cache.clear()
+    self._sequential_counter = 0
+    total = self.config.epochs_per_round * self.train_config.steps_per_epoch
+    remaining = self._round_start_step + total - int(self.state.step)
+    self.train_steps(pool_archs, remaining)
+    self._round_done = True
+    if self.config.prescore_pool:
+      self.evaluate(pool_archs)
+
+  # -- scoring ----------------------------------------------------------------------------------
+
+  def _score_indices(self, archs: np.ndarray) -> np.ndarray:
+    """``int32[P, V]``: the validation images of each architecture."""
+    cfg = self.config
+    v = cfg.score_batch_size
+    fixed_order = np.random.default_rng([cfg.seed, 3]).permutation(self._num_valid)
+    if cfg.score_batches == 'fixed':
+      return np.tile(fixed_order[:v].astype(np.int32), (len(archs), 1))
+    if cfg.score_batches == 'sequential':
+      n_batches = self._num_valid // v
+      rows = []
+      for _ in archs:
+        b = self._sequential_counter % n_batches
+        self._sequential_counter += 1
+        rows.append(fixed_order[b * v:(b + 1) * v])
+      return np.stack(rows).astype(np.int32)
+    rows = [np.random.default_rng([cfg.seed, 4, max(self._round, 0),
+                                   zlib.crc32(a.tobytes())]).choice(self._num_valid, v,
+                                                                    replace=False)
+            for a in archs]
+    return np.stack(rows).astype(np.int32)
+
+  def score(self, archs: np.ndarray) -> np.ndarray:
+    """Accuracy of each architecture with the current shared weights: ``float64[P]``."""
+    archs = np.asarray(archs, np.int32).reshape(-1, *WS_SPACE.arch_shape)
+    indices = self._score_indices(archs)
+    cap = self.config.score_capacity
+    out = []
+    for start in range(0, len(archs), cap):
+      chunk, rows = archs[start:start + cap], indices[start:start + cap]
+      n = len(chunk)
+      pad = cap - n
+      chunk = np.concatenate([chunk, np.repeat(chunk[:1], pad, 0)])
+      rows = np.concatenate([rows, np.repeat(rows[:1], pad, 0)])
+      accuracy, stats = self._score(self.state.params, self.state.batch_stats, chunk,
+                                    self._valid_images, self._valid_labels, rows,
+                                    jnp.asarray(n, jnp.int32))
+      self.state = self.state._replace(batch_stats=stats)
+      out.append(np.asarray(accuracy, np.float64)[:n])
+    return np.concatenate(out) if out else np.zeros((0,), np.float64)
+
+  def evaluate(self, archs: Sequence[np.ndarray] | np.ndarray) -> list[dict]:
+    """One record per architecture: ``{'score': accuracy in [0, 1], 'cost': seconds}``.
+
+    Scores computed since the last ``start_round`` are reused (the weights have not changed).
+    """
+    archs = np.stack([np.asarray(a, np.int32) for a in archs]) if len(archs) else np.zeros(
+        (0,) + WS_SPACE.arch_shape, np.int32)
+    keys = [a.tobytes() for a in archs]
+    todo, seen = [], set()
+    for a, k in zip(archs, keys):
+      if k not in self._cache and k not in seen:
+        todo.append(a)
+        seen.add(k)
+    if todo:
+      start = time.perf_counter()
+      scores = self.score(np.stack(todo))
+      cost = (time.perf_counter() - start) / len(todo)
+      for a, s in zip(todo, scores):
+        self._cache[a.tobytes()] = {'score': float(s), 'cost': cost}
+    return [dict(self._cache[k]) for k in keys]
+
+  # -- resume -----------------------------------------------------------------------------------
+
+  def state_dict(self) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(arrays, meta)``: the state as a pytree of host (numpy) arrays and JSON-able
+    bookkeeping.
+
+    Host copies, because the training step donates the device buffers: a saved reference would
+    be invalidated by the next step.
+    """
+    arrays = jax.device_get({'params': self.state.params, 'batch_stats': self.state.batch_stats,
+                             'opt_state': self.state.opt_state, 'step': self.state.step,
+                             'rng': jax.random.key_data(self._key)})
+    meta = {'round': self._round, 'round_start_step': self._round_start_step,
+            'round_done': self._round_done, 'pool_digest': self._pool_digest,
+            'sequential_counter': self._sequential_counter, **self.data_position(),
+            'seed': self.config.seed}
+    return arrays, meta
+
+  def load_state_dict(self, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Restores what ``state_dict`` returned (arrays in the layout of ``state_dict()[0]``)."""
+    if meta.get('seed', self.config.seed) != self.config.seed:
+      raise ValueError(f'state of seed {meta["seed"]} loaded into an evaluator of seed '
+                       f'{self.config.seed}')
+    put = lambda x: self._put(np.asarray(x))
+    self.state = st.SupernetState(put(arrays['step']).astype(jnp.int32),
+                                  jax.tree.map(put, arrays['params']),
+                                  jax.tree.map(put, arrays['batch_stats']),
+                                  jax.tree.map(put, arrays['opt_state']))
+    self._key = jax.random.wrap_key_data(jnp.asarray(arrays['rng'], jnp.uint32))
+    self._round = int(meta['round'])
+    self._round_start_step = int(meta['round_start_step'])
+    self._round_done = bool(meta['round_done'])
+    self._pool_digest = str(meta['pool_digest'])
+    self._sequential_counter = int(meta.get('sequential_counter', 0))
+    self._cache.clear()
+
+
+__all__ = ['WsEvaluatorConfig', 'SupernetEvaluator', 'SCORE_BATCHES']
