@@ -271,3 +271,63 @@ def test_export_nb201_writes_a_table_the_loader_reads(tmp_path):
   assert [SPACE.format(a) for a in table.archs] == FakeApi.archs
   np.testing.assert_allclose(table.accuracy, 50.0 + np.arange(rows))
   np.testing.assert_allclose(table.train_seconds, 10.0 * np.arange(rows))
+
+
+# -- non-stationary evaluators (weight sharing) -------------------------------------------------
+
+class FakeSupernet:
+  """Scores that drift with the round, like a supernet's; ``rerank`` gives the true score."""
+  space = SPACE
+  higher_is_better = True
+  score_name = 'fake_accuracy'
+  stationary = False
+
+  def __init__(self, crash_at_call=None):
+    self.calls, self.crash_at_call, self.rounds_started = 0, crash_at_call, []
+
+  def start_round(self, pool_archs, round_index):
+    self.rounds_started.append((round_index, len(pool_archs)))
+
+  def evaluate(self, archs):
+    self.calls += 1
+    if self.calls == self.crash_at_call:
+      raise KeyboardInterrupt('simulated kill')
+    drift = self.rounds_started[-1][0]  # state a real supernet restores from its checkpoint
+    return [{'score': synthetic_accuracy(a) + 0.1 * ((a.sum() * 7 + drift) % 5)} for a in archs]
+
+  def rerank(self, archs):
+    return [{'score': synthetic_accuracy(a)} for a in archs]
+
+
+def ws_config(table):
+  values = config(table, budget=10**6)
+  values['nao'].update(pool_policy='replace_worst', rounds=3, fill_with_random=False,
+                       rerank_top=3)
+  return values
+
+
+def test_non_stationary_evaluator_rescores_the_pool_each_round_and_reranks(table_path, tmp_path):
+  evaluator = FakeSupernet()
+  results = run_search(ws_config(table_path), str(tmp_path), evaluator=evaluator)
+  history = read_history(tmp_path)
+  kinds = [r.get('kind') for r in history]
+  assert kinds.count('score') == 4 * 8 and kinds.count('rerank') == 3
+  assert [r for r, _ in evaluator.rounds_started] == [0, 1, 2, 3]
+  assert all(size == 8 for _, size in evaluator.rounds_started)  # replace_worst keeps 8
+  rounds = [{r['arch'] for r in history if r.get('kind') == 'score' and r['round'] == i}
+            for i in range(4)]
+  assert len(rounds[1] - rounds[0]) > 0  # proposals joined the pool and were scored next round
+  reranked = [r for r in history if r.get('kind') == 'rerank']
+  assert results['best_arch'] == max(reranked, key=lambda r: r['score'])['arch']
+  assert results['rounds'] == 3
+
+
+def test_non_stationary_search_resumes_after_a_crash(table_path, tmp_path):
+  reference = run_search(ws_config(table_path), str(tmp_path / 'ref'), evaluator=FakeSupernet())
+  workdir = str(tmp_path / 'crash')
+  with pytest.raises(KeyboardInterrupt):
+    run_search(ws_config(table_path), workdir, evaluator=FakeSupernet(crash_at_call=3))
+  resumed = run_search(ws_config(table_path), workdir, evaluator=FakeSupernet())
+  assert comparable(resumed) == comparable(reference)
+  final = lambda h: [r for r in h if r.get('kind') in ('score', 'rerank') and r.get('round', 9) >= 2]
+  assert final(read_history(workdir)) == final(read_history(tmp_path / 'ref'))

@@ -58,6 +58,9 @@ class NaoSearchConfig:
       places of a round and evaluate the ``n`` the predictor likes best. 1.0 is the official
       behaviour (evaluate every decoded architecture); larger values spend controller compute
       (cheap) to save evaluations (expensive), using the predictor the controller trains anyway.
+    rerank_top: with a non-stationary evaluator (a supernet) that can ``rerank``, the best
+      ``rerank_top`` architectures of the last round are re-scored by it at the end (PT-V1:
+      top 5 by short stand-alone training) and the best of those is the result.
   """
   seed_pool_size: int = 600
   pool_size: int = 0
@@ -72,6 +75,7 @@ class NaoSearchConfig:
   rounds: int = 0
   exclude: str = 'evaluated'
   candidates_per_new: float = 1.0
+  rerank_top: int = 5
 
   def __post_init__(self):
     if self.pool_policy not in POOL_POLICIES:
@@ -116,12 +120,20 @@ def nao_search(run: SearchRun, cfg: NaoSearchConfig, controller_cfg: ControllerC
     round_index, pool = meta['round'], np.asarray(meta['pool'], np.int32)
     rng = np.random.default_rng()
     rng.bit_generator.state = meta['rng_state']
-    run.fast_forward(meta['queries'])
+    if run.evaluator.stationary:
+      run.fast_forward(meta['queries'])
+    else:
+      run.restore_scored(before_round=round_index)
+      run.reserve(pool)
     logging.info('resuming the NAO search at round %d (pool of %d)', round_index, len(pool))
 
+  stationary = run.evaluator.stationary
   while True:
     run.evaluator.start_round(pool, round_index)
-    scores = run.query(pool, round_index, 'pool')
+    if stationary:
+      scores = run.query(pool, round_index, 'pool')
+    else:  # a supernet's scores move with its weights: score the whole pool every round
+      scores = run.score_round(pool, round_index)
     if run.remaining == 0 or (cfg.rounds and round_index >= cfg.rounds):
       break
     started = time.time()
@@ -141,18 +153,15 @@ def nao_search(run: SearchRun, cfg: NaoSearchConfig, controller_cfg: ControllerC
     new = _best_predicted(controller.params, controller_cfg, space, proposal.archs, quota,
                           direction)
     n_proposed = len(new)
-    randoms = []
-    n_random = cfg.num_random if cfg.pool_policy == 'replace_worst_with_random' else 0
-    n_random = min(n_random, run.remaining - len(new))
-    if cfg.fill_with_random:
-      n_random = max(n_random, min(quota, run.remaining) - len(new))
-    taken = seen | {space.canonical_key(a) for a in new}
-    for _ in range(max(n_random, 0)):
-      arch = sample_unseen(run, rng, exclude=taken)
-      taken.add(space.canonical_key(arch))
-      randoms.append(arch)
-    new_scores = run.query(new, round_index, 'nao') if new else np.zeros(0)
-    random_scores = run.query(randoms, round_index, 'random') if randoms else np.zeros(0)
+    randoms = _random_archs(cfg, run, rng, seen | {space.canonical_key(a) for a in new},
+                            quota, len(new))
+    if stationary:  # evaluate now; a supernet scores them with the pool next round
+      if new:
+        run.query(new, round_index, 'nao')
+      if randoms:
+        run.query(randoms, round_index, 'random')
+    else:
+      run.reserve(new + randoms)
     predicted = predict_in_chunks(controller.params, controller_cfg, space.to_tokens(pool))
     logging.info('round %d: controller loss %.4f (mse %.4f, ce %.4f), pool pairwise acc %.3f; '
                  'proposed %d (eta <= %g), random %d; best %.4f; %.1fs', round_index,
@@ -161,14 +170,31 @@ def nao_search(run: SearchRun, cfg: NaoSearchConfig, controller_cfg: ControllerC
                  proposal.max_eta, len(randoms), run.best_record['score'], time.time() - started)
     for name, value in stats.items():
       run.writer.scalar(f'controller/{name}', value, round_index)
-    del new_scores, random_scores  # recorded by the run; the pool policies need only the order
     pool = _update_pool(cfg, pool, new + randoms)
     round_index += 1
     state = {'controller': controller, 'key': state['key']}
     checkpointer.save(round_index, state, _meta(round_index, pool, rng, run.queries))
     run.write_results(round_index, finished=False, extra={'searcher': 'nao'})
   checkpointer.close()
+  if not stationary and cfg.rerank_top and hasattr(run.evaluator, 'rerank'):
+    order = np.argsort(-scores if run.evaluator.higher_is_better else scores, kind='stable')
+    run.rerank(pool[order[:cfg.rerank_top]])
   return round_index
+
+
+def _random_archs(cfg: NaoSearchConfig, run: SearchRun, rng: np.random.Generator, taken: set,
+                  quota: int, n_proposed: int) -> list[np.ndarray]:
+  """Random unseen architectures injected this round (TF policy) or filling a short round."""
+  n_random = cfg.num_random if cfg.pool_policy == 'replace_worst_with_random' else 0
+  n_random = min(n_random, run.remaining - n_proposed)
+  if cfg.fill_with_random:
+    n_random = max(n_random, min(quota, run.remaining) - n_proposed)
+  archs = []
+  for _ in range(max(n_random, 0)):
+    arch = sample_unseen(run, rng, exclude=taken)
+    taken.add(run.space.canonical_key(arch))
+    archs.append(arch)
+  return archs
 
 
 def _train_controller(controller, cfg: ControllerConfig, space, pool, targets, capacity, swaps,

@@ -56,9 +56,11 @@ class SearchRun:
     # Records of an earlier process, by key: answered from here when the replay reaches them.
     self._recorded = {}
     for record in self.history:
-      arch = self.space.parse(record['arch'])
-      self._recorded[self.space.canonical_key(arch)] = record
+      if record.get('kind', 'query') == 'query':
+        arch = self.space.parse(record['arch'])
+        self._recorded[self.space.canonical_key(arch)] = record
     self._known = {}  # what this search has seen so far (replayed or evaluated)
+    self._reserved = set()  # proposed to a non-stationary evaluator, scored next round
     self.queries = 0
     self.replayed = 0
     self.best_record = None
@@ -95,11 +97,12 @@ class SearchRun:
 
   @property
   def remaining(self) -> int:
-    return self.budget - self.queries
+    return self.budget - self.queries - len(self._reserved)
 
   def is_known(self, arch) -> bool:
-    """Whether the search has evaluated ``arch`` so far (as of the replay position)."""
-    return self.space.canonical_key(arch) in self._known
+    """Whether the search has evaluated (or reserved) ``arch`` so far, as of the replay position."""
+    key = self.space.canonical_key(arch)
+    return key in self._known or key in self._reserved
 
   def fast_forward(self, queries: int) -> None:
     """Marks the first ``queries`` recorded evaluations as seen (resuming from a checkpoint)."""
@@ -110,7 +113,78 @@ class SearchRun:
         self.replayed += 1
 
   def known_keys(self) -> set:
-    return set(self._known)
+    return set(self._known) | self._reserved
+
+  # -- non-stationary evaluators (supernets) ---------------------------------------------------
+
+  def reserve(self, archs: Sequence[np.ndarray]) -> None:
+    """Counts ``archs`` against the budget now; a later ``score_round`` scores them."""
+    for arch in archs:
+      key = self.space.canonical_key(arch)
+      if key not in self._known:
+        self._reserved.add(key)
+
+  def restore_scored(self, before_round: int) -> None:
+    """On resume: marks architectures scored in rounds before ``before_round`` as seen."""
+    for record in self.history:
+      if record.get('kind') == 'score' and record['round'] < before_round:
+        arch = self.space.parse(record['arch'])
+        key = self.space.canonical_key(arch)
+        if key not in self._known:
+          self.queries += 1
+        self._known[key] = record
+
+  def score_round(self, archs: Sequence[np.ndarray], round_index: int) -> np.ndarray:
+    """Scores every architecture of a pool in one evaluator call; ``float64[n]``.
+
+    Each score is recorded (``kind='score'``) with the round. A rerun after a kill reuses a
+    complete set of this round's scores from the history; an incomplete set is scored again.
+    """
+    archs = [self.space.validate(a) for a in archs]
+    formatted = [self.space.format(a) for a in archs]
+    done = [r for r in self.history if r.get('kind') == 'score' and r['round'] == round_index]
+    done = done[-len(archs):]
+    if len(done) == len(archs) and [r['arch'] for r in done] == formatted:
+      records = done
+    else:
+      results = self.evaluator.evaluate(np.stack(archs))
+      records = []
+      for arch, text, result in zip(archs, formatted, results):
+        if not np.isfinite(result['score']):
+          raise ValueError(f'evaluator returned a non-finite score {result["score"]} for {text}')
+        record = dict(result, kind='score', round=round_index, arch=text)
+        self.history.append(record)
+        records.append(record)
+    for arch, record in zip(archs, records):
+      key = self.space.canonical_key(arch)
+      if key not in self._known:
+        self.queries += 1
+      self._known[key] = record
+      self._reserved.discard(key)
+    self.best_record = max(records, key=self._rank)
+    scores = np.asarray([r['score'] for r in records], np.float64)
+    self.writer.scalar('search/best_score', self.best_record['score'], round_index)
+    self.writer.scalar('search/mean_score', float(scores.mean()), round_index)
+    self.progress.update(self.queries, best=self.best_record['score'])
+    return scores
+
+  def rerank(self, archs: Sequence[np.ndarray]) -> np.ndarray:
+    """Re-scores the finalists with the evaluator's ``rerank`` (e.g. stand-alone training).
+
+    Each result is recorded (``kind='rerank'``) as soon as it is known and reused on a rerun;
+    the best finalist becomes the run's result.
+    """
+    done = {r['arch']: r for r in self.history if r.get('kind') == 'rerank'}
+    records = []
+    for arch in archs:
+      text = self.space.format(arch)
+      if text not in done:
+        result = self.evaluator.rerank(np.asarray(arch)[None])[0]
+        done[text] = dict(result, kind='rerank', arch=text)
+        self.history.append(done[text])
+      records.append(done[text])
+    self.best_record = max(records, key=self._rank)
+    return np.asarray([r['score'] for r in records], np.float64)
 
   def query(self, archs: Sequence[np.ndarray], round_index: int, source: str) -> np.ndarray:
     """Scores of ``archs`` (``float64[n]``); new ones are evaluated and recorded.
@@ -169,7 +243,8 @@ class SearchRun:
 
   def best_so_far(self) -> np.ndarray:
     """Best score after each query so far, ``float64[queries]``."""
-    scores = np.asarray([r['score'] for r in sorted(self._known.values(), key=lambda r: r['query'])])
+    records = [r for r in self.history if r.get('kind', 'query') == 'query'][:self.queries]
+    scores = np.asarray([r['score'] for r in records])
     if not self.evaluator.higher_is_better:
       return -np.maximum.accumulate(-scores)
     return np.maximum.accumulate(scores)
@@ -192,7 +267,7 @@ class SearchRun:
     }
     results.update(extra or {})
     write_json_atomic(os.path.join(self.workdir, 'results.json'), results)
-    if self.queries:
+    if self.evaluator.stationary and self.queries:
       plot_best_so_far(self.best_so_far(), os.path.join(self.workdir, 'best_so_far.png'),
                        self.evaluator.score_name)
     self.writer.flush()
