@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Any, Mapping
 
 from absl import logging
@@ -30,13 +31,30 @@ def _section(cls, values: Mapping[str, Any], name: str):
   return cls(**values)
 
 
-def build_evaluator(config: Mapping[str, Any]) -> Evaluator:
+# Evaluators by name: 'module:function' with ``function(config: dict, workdir: str) -> Evaluator``.
+# Imported lazily, so a tabular search never imports the CNN or RNN code.
+EVALUATORS = {
+    'tabular': 'nao_jax.search.api:tabular_evaluator',
+    'ws_cnn': 'nao_jax.cnn.ws_evaluator:from_config',
+    'scratch_cnn': 'nao_jax.cnn.scratch_evaluator:from_config',
+    'ws_rnn': 'nao_jax.rnn.ws_evaluator:from_config',
+}
+
+
+def tabular_evaluator(config: Mapping[str, Any], workdir: str | None = None) -> TabularEvaluator:
+  del workdir
+  path = config.get('table') or nb201_data.default_table_path()
+  return TabularEvaluator(nb201_data.load_table(path))
+
+
+def build_evaluator(config: Mapping[str, Any], workdir: str | None = None) -> Evaluator:
   """The evaluator named by ``config['evaluator']`` (reads its data now, so errors come early)."""
   name = config.get('evaluator', 'tabular')
-  if name == 'tabular':
-    path = config.get('table') or nb201_data.default_table_path()
-    return TabularEvaluator(nb201_data.load_table(path))
-  raise ValueError(f"unknown evaluator {name!r}; this build knows 'tabular'")
+  if name not in EVALUATORS:
+    raise ValueError(f'unknown evaluator {name!r}; known: {", ".join(EVALUATORS)}')
+  module_name, function = EVALUATORS[name].split(':')
+  module = importlib.import_module(module_name)
+  return getattr(module, function)(config, workdir)
 
 
 def run_search(config, workdir: str, evaluator: Evaluator | None = None) -> dict:
@@ -67,7 +85,7 @@ def run_search(config, workdir: str, evaluator: Evaluator | None = None) -> dict
     unknown = sorted(set(evolution) - {'population_size', 'sample_size'})
     if unknown:
       raise ValueError(f'unknown evolution config key(s) {unknown}')
-  evaluator = evaluator or build_evaluator(config)
+  evaluator = evaluator or build_evaluator(config, workdir)
   if evaluator.space is not space:
     raise ValueError(f'space = {space.name!r} but the evaluator scores {evaluator.space.name!r}')
   run = SearchRun(workdir, config, evaluator, budget, seed)
