@@ -31,6 +31,10 @@ class RunCheckpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    """The steps of the checkpoints on disk, ascending."""
+    return sorted(self._manager.all_steps())
+
   def save(self, step: int, state: Any, meta: dict) -> None:
     """Saves ``state`` (arrays; typed PRNG keys are stored as key data) and JSON ``meta``."""
     state = jax.tree.map(_to_savable, state)
