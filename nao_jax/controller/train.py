@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 import optax
 import scipy.stats
@@ -114,7 +115,7 @@ def loss_fn(params, cfg: ControllerConfig, tokens: Array, targets: Array, weight
 
   Args:
     tokens: ``int32[B, L]`` (already augmented) architectures, also the decoder targets.
-    targets: ``float32[B]`` normalised scores.
+    targets: ``float32[B]`` normalised scores; NaN for unlabeled rows (reconstruction only).
     weights: ``float32[B]``, 1 for real rows and 0 for padding.
 
   Returns:
@@ -122,10 +123,12 @@ def loss_fn(params, cfg: ControllerConfig, tokens: Array, targets: Array, weight
   """
   predictions, logits = Controller(cfg).apply(
       {'params': params}, tokens, decoder_inputs(tokens), train, rngs={'dropout': rng})
-  count = jnp.maximum(weights.sum(), 1.0)
-  mse = jnp.sum(weights * (predictions - targets) ** 2) / count
+  # NaN targets mark unlabeled rows: they train reconstruction only (TF's target -1, spec §3.4).
+  labeled = weights * jnp.isfinite(targets)
+  errors = jnp.where(labeled > 0, predictions - jnp.nan_to_num(targets), 0.0)
+  mse = jnp.sum(labeled * errors ** 2) / jnp.maximum(labeled.sum(), 1.0)
   token_ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens).mean(axis=1)
-  ce = jnp.sum(weights * token_ce) / count
+  ce = jnp.sum(weights * token_ce) / jnp.maximum(weights.sum(), 1.0)
   loss = cfg.trade_off * mse + (1.0 - cfg.trade_off) * ce
   if cfg.l2_mode == 'loss' and cfg.l2 > 0:
     loss += 0.5 * cfg.l2 * sum(jnp.sum(p * p) for p in jax.tree.leaves(params))
@@ -145,9 +148,9 @@ def pad_pool(tokens: np.ndarray, targets: np.ndarray, capacity: int):
           np.concatenate([np.ones(n, bool), np.zeros(pad, bool)]))
 
 
-@functools.partial(jax.jit, static_argnames=('cfg',), donate_argnames=('state',))
+@functools.partial(jax.jit, static_argnames=('cfg', 'mesh'), donate_argnames=('state',))
 def train_epochs(state: ControllerState, cfg: ControllerConfig, tokens: Array, targets: Array,
-                 valid: Array, swaps: Array, num_epochs: Array, key: Array):
+                 valid: Array, swaps: Array, num_epochs: Array, key: Array, mesh=None):
   """Trains for ``num_epochs`` epochs over a padded pool.
 
   Each epoch shuffles the real rows (padding goes last), draws one branch-swap permutation per
@@ -163,12 +166,17 @@ def train_epochs(state: ControllerState, cfg: ControllerConfig, tokens: Array, t
     swaps: ``int32[P, L]`` branch-swap permutations of the space.
     num_epochs: int32 scalar (traced: any count reuses the compilation).
     key: PRNG key for shuffling, augmentation and dropout.
+    mesh: optional ``jax.sharding.Mesh`` with a ``'data'`` axis: every minibatch is split over
+      it (data parallel; ``cfg.batch_size`` must divide evenly) and the state is replicated.
 
   Returns:
     ``(state, metrics)`` with the mean loss / mse / ce of the last epoch's real minibatches.
   """
   capacity, batch = tokens.shape[0], cfg.batch_size
   num_batches = capacity // batch
+  if mesh is not None and batch % mesh.shape['data']:
+    raise ValueError(f'controller.batch_size {batch} does not split over '
+                     f'{mesh.shape["data"]} devices')
   optimizer = make_optimizer(cfg)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   shuffle_key, dropout_key = jax.random.split(key)
@@ -194,6 +202,8 @@ def train_epochs(state: ControllerState, cfg: ControllerConfig, tokens: Array, t
                valid[order].astype(jnp.float32).reshape(num_batches, batch))
 
     def minibatch(state, xs):
+      if mesh is not None:
+        xs = jax.lax.with_sharding_constraint(xs, NamedSharding(mesh, P('data')))
       batch_tokens, batch_targets, batch_weights = xs
       real = batch_weights.sum() > 0
       state, stats = jax.lax.cond(real, update, lambda s, *_: (s, jnp.zeros(3)),
