@@ -78,6 +78,8 @@ def test_searchers_spend_exactly_the_budget_on_unseen_architectures(table_path, 
   for record in history:
     assert record['score'] == pytest.approx(synthetic_accuracy(SPACE.parse(record['arch'])), abs=1e-5)
   assert os.path.getsize(tmp_path / 'best_so_far.png') > 1000
+  assert results['drawings'] == ['best_arch_cell.png', 'best_arch_cell.svg']
+  assert os.path.getsize(tmp_path / 'best_arch_cell.png') > 1000
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(tmp_path / 'tb'))
 
 

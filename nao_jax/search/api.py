@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 from typing import Any, Mapping
 
 from absl import logging
 
-from nao_jax import spaces
+from nao_jax import spaces, viz
 from nao_jax.controller import ControllerConfig
 from nao_jax.data import nb201 as nb201_data
 from nao_jax.search import baselines
@@ -96,7 +97,11 @@ def run_search(config, workdir: str, evaluator: Evaluator | None = None) -> dict
       rounds = baselines.random_search(run, seed)
     else:
       rounds = baselines.regularized_evolution(run, seed, **evolution)
-    results = run.write_results(rounds, finished=True, extra={'searcher': searcher})
+    extra = {'searcher': searcher}
+    if run.best_record is not None and config.get('draw', True):
+      extra['drawings'] = [os.path.relpath(p, workdir) for p in viz.draw_arch(
+          run.space, run.space.parse(run.best_record['arch']), workdir, name='best_arch')]
+    results = run.write_results(rounds, finished=True, extra=extra)
   finally:
     run.close()
   logging.info('best %s %.4f after %d queries: %s', results['score_name'], results['best_score'],
