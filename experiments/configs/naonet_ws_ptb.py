@@ -1,0 +1,75 @@
+"""NAONet-WS (the NAO-WS cell) on Penn Treebank: final training (spec §6.8, §8.5).
+
+  python -m experiments.train_lm --config=experiments/configs/naonet_ws_ptb.py \
+      --workdir=runs/naonet_ws_ptb
+  python -m experiments.train_lm --config=experiments/configs/naonet_ws_ptb.py:official \
+      --workdir=runs/naonet_ws_ptb_official                 # lr 20, NT-ASGD, L2 8e-7
+  python -m experiments.train_lm --config=experiments/configs/naonet_ws_ptb.py:tiny \
+      --workdir=/tmp/naonet_ws_ptb_tiny --config.data_dir=../shared/data/ptb   # about a minute
+
+The cell ``0 1 1 1 2 2 1 2 4 1 4 1 4 1 7 1 8 2 1 0 4 1`` (``NAO-WS/rnn/train_final.sh``) read with
+the NAO-WS activation ids (0 tanh, 1 relu, 2 sigmoid, 3 identity). Seed recipe (supplementary
+material, ENAS setup): SGD lr 10, decayed by 0.9991 after every epoch from epoch 15, clip 0.25,
+L2 5e-7, variational dropout, tied weights; the rest from the official code: E = H = 850,
+dropouts 0.75 / 0.25 (h) / 0.75 (x) / 0.2 (i) / 0 (e), TAR 1e-3, batch 64, BPTT 35 with the
+variable-length sampler, validation batch 10, test batch 1, 4000 epochs (the seed does not
+say), seed 1267. Reported: 56.66-56.80 test
+perplexity (official recipe, README). Data: ``$NAO_DATA_DIR/ptb`` or ``--config.data_dir``.
+Any cell: ``--config.arch= --config.arch_string='0 1 ...' --config.space=rnn_nao`` (or rnn_ws).
+"""
+
+import ml_collections
+
+from experiments.configs import lm_common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 1267
+  config.arch = 'NAONet-WS-PTB'
+  config.arch_string = ''
+  config.space = ''
+  config.dataset = 'ptb'
+  config.data_dir = ''
+  config.train_tokens = 0
+  config.model = ml_collections.ConfigDict(dict(
+      emb_size=850,
+      hidden_size=850,
+      dropout=0.75,
+      dropouth=0.25,
+      dropoutx=0.75,
+      dropouti=0.2,
+      dropoute=0.0,
+      init_range=0.04,
+      output_average='exclude_s0',
+      fuse=True,
+  ))
+  config.train = ml_collections.ConfigDict(dict(
+      epochs=4000,
+      batch_size=64,
+      eval_batch_size=10,
+      test_batch_size=1,
+      bptt=35,
+      schedule='exp_decay',
+      lr=10.0,
+      lr_decay=0.9991,
+      lr_decay_start_epoch=15,
+      nonmono=5,
+      clip=0.25,
+      weight_decay=5e-7,
+      tar_beta=1e-3,
+      ar_alpha=0.0,
+      seq_p_full=0.95,
+      seq_std=5.0,
+      seq_min_len=5,
+      seq_max_delta=20,
+      pad_multiple=5,
+      max_steps=0,
+      max_rollbacks=3,
+      rollback_to='last',
+  ))
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 0
+  config.keep_checkpoints = 2
+  config.evaluate_test = True
+  return lm_common.apply_variant(config, arg, official_weight_decay=8e-7)
