@@ -111,6 +111,7 @@ def propose(params, cfg: ControllerConfig, space: SearchSpace, seed_archs: np.nd
   tokens = np.concatenate([tokens, np.repeat(tokens[:1], capacity - num_seeds, axis=0)])
   mask_table = jnp.asarray(space.decoder_mask_table())
   seen = set(seen_keys)
+  rejected = set()
   archs, etas, seeds = [], [], []
   all_etas = np.arange(1, int(np.floor(eta_max / eta_step + 1e-9)) + 1) * eta_step
   for start in range(0, len(all_etas), eta_chunk):
@@ -120,6 +121,10 @@ def propose(params, cfg: ControllerConfig, space: SearchSpace, seed_archs: np.nd
                                       jnp.float32(direction), mask_table))
     for e, eta in enumerate(chunk):
       for k in range(num_seeds):
+        row = decoded[e, k].tobytes()
+        if row in rejected:  # most decodes repeat one seen before: skip parsing them again
+          continue
+        rejected.add(row)
         arch = space.from_tokens(decoded[e, k])
         key = space.canonical_key(arch)
         if key in seen:

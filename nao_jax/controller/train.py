@@ -91,14 +91,16 @@ def make_optimizer(cfg: ControllerConfig) -> optax.GradientTransformation:
   return optax.chain(*chain)
 
 
+@functools.partial(jax.jit, static_argnames=('cfg',))
 def init_controller(cfg: ControllerConfig, key: Array) -> ControllerState:
-  """Fresh parameters and optimizer state."""
+  """Fresh parameters and optimizer state (one compilation per config)."""
   model = Controller(cfg)
   dummy = jnp.zeros((1, cfg.source_length), jnp.int32)
   params = model.init(key, dummy, dummy)['params']
   return ControllerState(params, make_optimizer(cfg).init(params), jnp.zeros((), jnp.int32))
 
 
+@functools.partial(jax.jit, static_argnames=('cfg',))
 def reset_optimizer(cfg: ControllerConfig, state: ControllerState) -> ControllerState:
   """Keeps the parameters and starts a fresh Adam (PT-V1 between search rounds)."""
   return ControllerState(state.params, make_optimizer(cfg).init(state.params), state.step)
