@@ -48,13 +48,19 @@ class _QuietLibraries(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
 
 
+def quiet_orbax() -> None:
+  """Mutes Orbax's INFO lines (a dozen per checkpoint save) on the absl logger."""
+  logger = std_logging.getLogger('absl')
+  if not any(isinstance(f, _QuietLibraries) for f in logger.filters):
+    logger.addFilter(_QuietLibraries())
+
+
 def setup(argv: list[str]) -> None:
   """Refuses positional arguments; absl logging (progress lines) to stdout, Orbax INFO muted."""
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments: {" ".join(argv[1:])}')
-  handler = logging.get_absl_handler()
-  handler.python_handler.stream = sys.stdout
-  handler.addFilter(_QuietLibraries())
+  logging.get_absl_handler().python_handler.stream = sys.stdout
+  quiet_orbax()
 
 
 @contextlib.contextmanager

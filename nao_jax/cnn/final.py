@@ -730,6 +730,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   # -- data: loaded once into host memory -------------------------------------------------------
   data = load_data(cfg)
+  data_load_s = time.time() - start_time
   program = build_program(cfg, data.num_classes, len(data.x_train), data.mean, data.std)
   batcher = EpochBatcher(len(data.x_train), cfg.train.batch_size, cfg.seed)
   spe, total = program.steps_per_epoch, program.total_steps
@@ -797,8 +798,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       if not np.isfinite(m['loss']):
         raise DivergenceError(
             f'training diverged: loss {m["loss"]} at step {s} (epoch {s // spe}); the last good '
-            f'checkpoint is {_ckpt_name(checkpointer, last_saved)}; lower train.lr_max or check '
-            'the data')
+            f'checkpoint is {_ckpt_name(checkpointer, last_saved)}; lower train.lr_max (in a new '
+            '--workdir) or check the data')
     means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
     for k, v in means.items():
       writer.scalar(f'train/{k}', v, step)
@@ -842,7 +843,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         window['steps'] += 1
       done = step + 1
       epoch_end = done % spe == 0
-      do_eval = epoch_end and (done // spe) % cfg.eval_every_epochs == 0 and done < total
+      do_eval = epoch_end and (done // spe) % cfg.eval_every_epochs == 0 and done < stop
       do_save = done % ckpt_every == 0 or done == stop
       if done % cfg.log_every_steps == 0 or do_eval or do_save or done == stop:
         flush(done)
@@ -868,6 +869,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       f'{split}_loss': result['loss'], f'{split}_count': result['count'], 'eval_split': split,
       'step': step, 'steps': total, 'epochs': step / spe, 'steps_per_epoch': spe,
       'finished': step >= total, 'params': counts, 'train_img_per_s': img_per_s,
+      'data_load_s': data_load_s,
       'wall_s': wall_before + time.time() - start_time, 'seed': cfg.seed,
       'arch': space.format(arch), 'arch_name': cfg.arch, 'space': space.name,
       'config': cfg.to_dict(),
