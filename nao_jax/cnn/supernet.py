@@ -2,30 +2,35 @@
 
 The architecture is data: ``arch`` is an ``int32[2, 5, 4]`` array (cell 0 normal, cell 1
 reduction; node rows ``[x_id, x_op, y_id, y_op]``) traced through ``jit``, so one compiled program
-serves every architecture of the space. Every op is taken from the op library the fixed network
-uses (``nao_jax.cnn.ops.op_table``); what this module adds is the weight sharing:
+serves every architecture of the space. The ops are those of the fixed network's op library
+(``nao_jax.cnn.ops.op_table``; on CPU the sep convs' depthwise convolution is swapped for the
+equal ``cpu_ops`` version, see ``primitives``); what this module adds is the weight sharing:
 
-* **Weights per (node, branch x/y, input index, op)** (spec §12 item 6). For node ``k`` each
-  parameterised op (the two sep convs) holds ``k + 2`` copies of its parameters stacked on a
-  leading axis, one per possible input index; the copy of the chosen input is gathered with a
-  dynamic index. BatchNorm inside them is PT's WSBN: the per-input copies carry the affine
-  ``scale``/``bias``, the running ``mean``/``var`` are one set per (node, branch, op).
+* **Weights per (node, branch x/y, input index, op)** (spec §12 item 6). Each parameterised op
+  (the two sep convs) of a cell holds ``[2, SLOTS, ...]`` copies: branch x/y, then one slot per
+  (node k, input i) pair, slot ``k (k + 3) / 2 + i`` (20 slots: node k may read k + 2 states);
+  the copy of the chosen input is gathered with a dynamic index. BatchNorm inside them is PT's
+  WSBN: the copies carry the affine ``scale``/``bias``, the running ``mean``/``var`` are one set
+  per (node, branch, op): ``[5, 2, C]``.
 * **Identity at stride 2** (reduction cell, input 0 or 1) is a FactorizedReduce chosen by the
-  input index (``fr_x``: ``[2, ...]`` stacked, with its own running statistics per index). PT's
-  y branch reuses the x branch's modules (spec §9.1 #17); ``SupernetConfig.y_branch_own_fr``
-  gives the y branch its own.
-* **Node inputs** are read from a stacked state buffer with a dynamic index: ``float32[7, B, H, W,
-  C]`` in a normal cell; a reduction cell keeps its two (full-resolution) inputs and its five
-  (half-resolution) nodes in two buffers, and a branch reading input 0/1 runs its op at stride 2.
+  input index, ``fr: [F, 5, 2, ...]`` (owner, node, input), each with its own statistics. PT's y
+  branch uses the x branch's modules (spec §9.1 #17): ``F = 1``, owner 0 for both branches;
+  ``SupernetConfig.y_branch_own_fr`` gives the y branch its own (``F = 2``).
+* **Node inputs** come from a stacked state buffer read with a dynamic index: ``float32[7, B, H,
+  W, C]`` in a normal cell; a reduction cell keeps its two (full-resolution) inputs and its five
+  (half-resolution) nodes apart, and a branch reading input 0/1 runs its op at stride 2.
+* **The ten branches of a cell run under one ``lax.scan``** (node-major, x then y), so a cell's
+  program holds one branch, whatever the architecture. (Unrolling the nodes in Python measured
+  faster per cell on CPU, because XLA:CPU copies the loop-carried state buffer in every
+  iteration, but made the reference network compile in ~8 minutes instead of ~2.)
 * **Op dispatch** is a config value: ``'switch'`` runs only the chosen op (``lax.switch`` on the
-  op id, and on whether the input is a cell input in reduction cells), ``'select'`` computes every
+  op id, and in reduction cells on whether the input is a cell input), ``'select'`` computes every
   candidate and keeps one (TF-WS style). Both give the same values and gradients (tested);
-  ``'switch'`` is the default because it is faster on CPU, see ``benchmarks/supernet.py`` and
-  ``DISPATCH_NOTES``.
+  ``'switch'`` is the default, see ``DISPATCH_NOTES``.
 * **Cell output**: the loose ends (states no node reads; in reduction cells inputs 0/1 first go
   through a FactorizedReduce that is always computed and then masked) -> ReLU -> 1x1 conv whose
   weight is assembled from per-state blocks ``W[i]`` -> BN, computed as
-  ``BN(sum_i loose_i * relu(x_i) @ W[i])``. Unused blocks get exactly zero gradient.
+  ``BN(sum_i loose_i * relu(x_i) @ W[i])``. Blocks of used states get exactly zero gradient.
 * **Drop-path** on every branch output in training (keep 0.9 at the end, ScheduledDropPath §6.3).
 
 Macro structure: stem Conv3x3(3C) -> BN; ``3N + 2`` cells, reductions at ``[N, 2N + 1]`` doubling
@@ -36,20 +41,22 @@ shape: they keep their parameters stacked on a leading axis and run under ``lax.
 traced program, and hence compile time, does not grow with N.
 
 Layout (``params``; ``batch_stats`` mirrors it with ``{'mean', 'var'}`` where BN has
-``{'scale', 'bias'}``, and shares one entry across input indices where WSBN does)::
+``{'scale', 'bias'}``)::
 
     params = {'stem': {'conv', 'bn'},
               'cells': {'cell_00': cell, 'cell_01': cell, 'cells_02_02': stacked cells, ...},
               'classifier': {'kernel', 'bias'}}
     cell   = {'calibrate': {'x0'?, 'x1'?},
-              'nodes': {'node0': node, ..., 'node4': node},
+              'nodes': {'sep_conv_3x3': {dw1, pw1, bn1, dw2, pw2, bn2: [2, SLOTS, ...]},
+                        'sep_conv_5x5': {...},
+                        'fr'?: {conv1, conv2, bn: [F, 5, 2, ...]}},      # reduction cells
               'combine': {'w': float32[7, C, C], 'bn', 'fr0'?, 'fr1'?}}   # fr*: reduction cells
-    node k = {'x': branch, 'y': branch, 'fr_x'?: FR stacked [2, ...], 'fr_y'?: ...}
-    branch = {'sep_conv_3x3': sep conv params stacked [k + 2, ...], 'sep_conv_5x5': ...}
+    stats of a cell: 'nodes': {'sep_conv_3x3': {'bn1', 'bn2': {'mean', 'var': [5, 2, C]}}, ...,
+                               'fr'?: {'bn': [F, 5, 2, C]}}
 
 Deviations from PT-V1, all named options of ``SupernetConfig`` (defaults are PT):
 ``y_branch_own_fr`` (fix the §9.1 #17 sharing quirk), ``drop_path_identity`` (TF never drops
-identity), ``dispatch`` (numerically the same function).
+identity); ``dispatch``, ``remat_branches`` and ``primitives`` change speed, not the function.
 """
 
 from __future__ import annotations
@@ -105,6 +112,13 @@ class SupernetConfig:
     y_branch_own_fr: give the y branch its own stride-2 identity FactorizedReduce. PT-V1 creates
       one but never uses it: its y branch applies the x branch's (spec §9.1 #17); False = PT.
     drop_path_identity: drop identity branches too (PT-V1); TF never drops them.
+    remat_branches: recompute each candidate op in the backward pass (``jax.checkpoint`` on
+      every switch branch). Without it, JAX makes every branch of a switch output the union of
+      all branches' residuals (zeros for the others) and the scan over branches stacks them:
+      measured ~2.5x slower training steps on CPU (16 s vs 6 s at the reference config).
+    primitives: ``'library'`` (the op library as is), ``'shifts'`` (sep convs with
+      ``cpu_ops.depthwise_conv``: XLA:CPU runs grouped convolutions ~20x slower than the same
+      k*k shifted multiply-adds) or ``'auto'`` (``'shifts'`` on CPU, ``'library'`` elsewhere).
   """
   layers: int = 3
   channels: int = 20
@@ -378,33 +392,36 @@ class Supernet:
     return fns
 
   def _branch(self, reduction: bool, p_nodes: Params, bs: Stats, fr_s, node: jax.Array,
-              xy: jax.Array, idx: jax.Array, op: jax.Array, buffers: tuple[jax.Array, ...],
-              train: bool):
+              xy: jax.Array, idx: jax.Array, op: jax.Array, x: jax.Array,
+              x_node: jax.Array | None, train: bool):
     """Branch ``xy`` (0 x, 1 y) of node ``node``: op ``op`` on state ``idx``.
 
-    In a reduction cell the candidates are the ops at stride 2 on input ``idx`` (0/1) followed
-    by the ops at stride 1 on node ``idx - 2``; the branch picks ``op + 5 * (idx >= 2)``.
+    Args:
+      x: state ``idx`` in a normal cell; in a reduction cell input ``min(idx, 1)``.
+      x_node: reduction cells: node ``idx - 2`` (any node when ``idx < 2``), or None when the
+        node cannot read a node (node 0).
+
+    In a reduction cell the candidates are the ops at stride 2 on the input followed by the ops
+    at stride 1 on the node; the branch picks ``op + 5 * (idx >= 2)``.
 
     Returns:
       ``(y float32[B, h, w, C], new branch statistics, new FR statistics)``.
     """
     slot = node * (node + 3) // 2 + idx
     if not reduction:
-      (states,) = buffers
-      x = lax.dynamic_index_in_dim(states, idx, 0, keepdims=False)
       fns, index = self._op_fns(1, train), op
       operands = (x, p_nodes, bs, fr_s, xy, slot, ())
     else:
-      inputs, nodes = buffers
       in_idx = jnp.minimum(idx, 1)
       fr_index = (xy if self.config.y_branch_own_fr else jnp.zeros_like(xy), node, in_idx)
-      x_in = lax.dynamic_index_in_dim(inputs, in_idx, 0, keepdims=False)
-      x_node = lax.dynamic_index_in_dim(nodes, jnp.maximum(idx - 2, 0), 0, keepdims=False)
-      # Candidates 0..4: stride 2 on the inputs; 5..9: stride 1 on the nodes.
-      fns = ([functools.partial(_drop_arg, fn, 1) for fn in self._op_fns(2, train)]
-             + [functools.partial(_drop_arg, fn, 0) for fn in self._op_fns(1, train)])
-      index = op + len(self.ops) * (idx >= 2).astype(op.dtype)
-      operands = (x_in, x_node, p_nodes, bs, fr_s, xy, slot, fr_index)
+      fns, index = self._op_fns(2, train), op
+      operands = (x, p_nodes, bs, fr_s, xy, slot, fr_index)
+      if x_node is not None:
+        # Candidates 0..4: stride 2 on the input; 5..9: stride 1 on the node.
+        fns = ([functools.partial(_drop_arg, fn, 1) for fn in fns]
+               + [functools.partial(_drop_arg, fn, 0) for fn in self._op_fns(1, train)])
+        index = op + len(self.ops) * (idx >= 2).astype(op.dtype)
+        operands = (x, x_node) + operands[1:]
     if self.config.dispatch == 'switch':
       return lax.switch(index, fns, *operands)
     return _select(index, [fn(*operands) for fn in fns])
@@ -451,18 +468,27 @@ class Supernet:
     branch_stats = jax.tree.map(lambda a: a.reshape((2 * NODES,) + a.shape[2:]), s_nodes)
     specs = cell_arch.reshape(2 * NODES, 2)  # [x_id, x_op], [y_id, y_op], ... node-major
 
-    def branch_body(carry, xs):
-      buffer, fr_s = carry
-      b, spec, bs = xs
+    def one_branch(buffer, fr_s, b, spec, bs):
       node, xy = b // 2, b % 2
       idx, op = spec[0], spec[1]
-      buffers = (inputs, buffer) if plan.reduction else (buffer,)
-      y, bs, fr_s = self._branch(plan.reduction, p_nodes, bs, fr_s, node, xy, idx, op, buffers,
+      if plan.reduction:
+        x = lax.dynamic_index_in_dim(inputs, jnp.minimum(idx, 1), 0, keepdims=False)
+        x_node = lax.dynamic_index_in_dim(buffer, jnp.maximum(idx - 2, 0), 0, keepdims=False)
+      else:
+        x, x_node = lax.dynamic_index_in_dim(buffer, idx, 0, keepdims=False), None
+      y, bs, fr_s = self._branch(plan.reduction, p_nodes, bs, fr_s, node, xy, idx, op, x, x_node,
                                  train)
       if keep is not None:
         y_dropped = ops.drop_path(y, keep, jax.random.fold_in(rng, b))
         y = (y_dropped if cfg.drop_path_identity
              else jnp.where(op == self.identity_id, y, y_dropped))
+      return y, bs, fr_s
+
+    def branch_body(carry, xs):
+      buffer, fr_s = carry
+      b, spec, bs = xs
+      y, bs, fr_s = one_branch(buffer, fr_s, b, spec, bs)
+      node, xy = b // 2, b % 2
       pos = node if plan.reduction else node + 2
       prev = lax.dynamic_index_in_dim(buffer, pos, 0, keepdims=False)
       y = jnp.where(xy == 0, y, prev + y)
@@ -473,6 +499,20 @@ class Supernet:
     new_nodes = jax.tree.map(lambda a: a.reshape((NODES, 2) + a.shape[1:]), branch_stats)
     if fr_s is not None:
       new_nodes['fr'] = fr_s
+    states = buffer if not plan.reduction else None
+    out, new_comb = self._combine(plan, params, stats, cell_arch, inputs, states,
+                                  buffer if plan.reduction else None, train)
+    return out, {'calibrate': s_cal, 'nodes': new_nodes, 'combine': new_comb}
+
+  def _combine(self, plan: SuperCellPlan, params: Params, stats: Stats, cell_arch: jax.Array,
+               inputs, states, nodes, train: bool) -> tuple[jax.Array, Stats]:
+    """Loose ends -> (FactorizedReduce of inputs 0/1 in reduction cells) -> ReLU -> 1x1 -> BN.
+
+    Args:
+      inputs: reduction cells: ``float32[2, B, H, W, C]`` (the calibrated inputs).
+      states: normal cells: all seven states ``float32[7, B, H, W, C]``.
+      nodes: reduction cells: the five nodes ``float32[5, B, H/2, W/2, C]``.
+    """
     loose = loose_mask(cell_arch)
     p_comb, s_comb = params['combine'], stats['combine']
     new_comb = {}
@@ -480,20 +520,20 @@ class Supernet:
       reduced = []
       for i in (0, 1):
         # Computed unconditionally; its statistics move only when input i is a loose end (PT).
+        # (Skipping it with lax.cond when input i is used, as it nearly always is, measured
+        # no faster on CPU.)
         y, new = ops.factorized_reduce_apply(p_comb[f'fr{i}'], s_comb[f'fr{i}'], inputs[i],
                                              train=train)
         new_comb[f'fr{i}'] = jax.tree.map(lambda n, o, i=i: jnp.where(loose[i], n, o), new,
                                           s_comb[f'fr{i}'])
         reduced.append(y)
-      states = jnp.concatenate([jnp.stack(reduced), buffer])
-    else:
-      states = buffer
+      states = jnp.concatenate([jnp.stack(reduced), nodes])
     # Masking W rather than the states: a loose end contributes relu(x_i) @ W[i], used states
     # nothing (and their blocks get zero gradient), i.e. PT's concat -> ReLU -> 1x1 conv.
     w_masked = p_comb['w'] * loose[:, None, None].astype(p_comb['w'].dtype)
     out = jnp.einsum('nbhwc,ncd->bhwd', jax.nn.relu(states), w_masked)
     out, new_comb['bn'] = ops.batch_norm(p_comb['bn'], s_comb['bn'], out, train=train)
-    return out, {'calibrate': s_cal, 'nodes': new_nodes, 'combine': new_comb}
+    return out, new_comb
 
   # -- network ------------------------------------------------------------------------------------
 
