@@ -17,10 +17,12 @@ in place (``zero_grad()`` of that era keeps the tensors), so every parameter tha
 gets weight decay and momentum at every later step; the optax chain here updates every parameter
 from step 0, which differs only for weights no sampled architecture has touched yet.
 
-Data parallelism: pass ``data_sharding`` (e.g. ``NamedSharding(mesh, P('data'))``) and the batch
-is constrained to it inside the step while the architecture and the state stay replicated, so
-every device runs the same architecture on its shard; BatchNorm then uses the statistics of the
-global batch (XLA inserts the all-reduce).
+Data parallelism: pass ``data_sharding`` (e.g. ``NamedSharding(auto_mesh(mesh), P('data'))``)
+and the batch is constrained to it inside the step while the architecture and the state stay
+replicated, so every device runs the same architecture on its shard; BatchNorm then uses the
+statistics of the global batch (XLA inserts the all-reduce). Checked by hand on 2 forced host
+devices: the evaluator's parameters after a round and its scores equal the single-device ones
+(max |diff| 2e-7); not part of the test suite (a second compilation of the training step).
 """
 
 from __future__ import annotations
@@ -142,6 +144,17 @@ def create_state(supernet: Supernet, optimizer: optax.GradientTransformation,
 
 def _constrain(x: jax.Array, sharding) -> jax.Array:
   return x if sharding is None else lax.with_sharding_constraint(x, sharding)
+
+
+def auto_mesh(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
+  """``mesh`` with every axis of type Auto (compiler-propagated shardings).
+
+  The step functions constrain only the batch and let XLA propagate the rest (GSPMD); with
+  Explicit axes (``jax.make_mesh``'s default in current JAX) every intermediate, e.g. each
+  ``lax.switch`` branch's output, would need a matching explicit sharding.
+  """
+  auto = (jax.sharding.AxisType.Auto,) * len(mesh.axis_names)
+  return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
 
 
 def make_train_step(supernet: Supernet, optimizer: optax.GradientTransformation, *,
@@ -344,5 +357,5 @@ def sampling_probabilities(archs: np.ndarray, policy: str = 'uniform', *,
 
 __all__ = ['SupernetState', 'TrainConfig', 'cosine_per_epoch', 'make_optimizer', 'create_state',
            'make_train_step', 'make_score_fn', 'build_train_step', 'build_score_fn',
-           'standalone_param_counts',
+           'standalone_param_counts', 'auto_mesh',
            'sampling_probabilities', 'SAMPLE_POLICIES']

@@ -164,6 +164,7 @@ class SupernetEvaluator:
 
     # Devices: replicated state and data, batches sharded over 'data'.
     if mesh is not None:
+      mesh = st.auto_mesh(mesh)
       replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
       self._data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
       put = lambda x: jax.device_put(x, replicated)
