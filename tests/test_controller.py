@@ -250,3 +250,20 @@ def test_propose_rejects_bad_input():
 def test_config_is_hashable_static_arg():
   cfg = tiny_config(spaces.WS_SPACE)
   assert hash(cfg) == hash(dataclasses.replace(cfg))
+
+
+@pytest.mark.parametrize('forget_bias', [0.0, 1.0])
+def test_hand_written_lstm_backward_equals_autodiff(forget_bias):
+  from nao_jax.controller import lstm  # pylint: disable=import-outside-toplevel
+  keys = jax.random.split(jax.random.key(0), 5)
+  steps, batch, hidden = 7, 5, 6
+  args = (jax.random.normal(keys[0], (steps, batch, 4 * hidden)),
+          0.3 * jax.random.normal(keys[1], (hidden, 4 * hidden)),
+          jax.random.normal(keys[2], (batch, hidden)), jax.random.normal(keys[3], (batch, hidden)))
+  cotangent = jax.random.normal(keys[4], (steps, batch, hidden))
+  fast = lambda *a: jnp.sum(lstm.lstm_recurrence(*a, forget_bias) * cotangent)
+  plain = lambda *a: jnp.sum(lstm._forward(*a, forget_bias)[0] * cotangent)
+  np.testing.assert_allclose(fast(*args), plain(*args), rtol=1e-6)
+  for a, b in zip(jax.grad(fast, argnums=(0, 1, 2, 3))(*args),
+                  jax.grad(plain, argnums=(0, 1, 2, 3))(*args)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from nao_jax.controller.config import ControllerConfig
+from nao_jax.controller.lstm import lstm_recurrence
 
 Array = jax.Array
 NEG_INF = -1e9  # finite, so masked logits never produce NaN in softmax / argmax
@@ -184,14 +185,8 @@ class Controller(nn.Module):
 
   def _run_lstm(self, input_proj: Array, w_hh: Array, h0: Array, c0: Array) -> Array:
     """Runs an LSTM over precomputed input projections ``[B, T, 4H]``; returns ``[B, T, H]``."""
-    forget_bias = self.config.forget_bias
-
-    def step(carry, gates_x):
-      h, c = carry
-      h, c = _lstm_cell(gates_x + h @ w_hh, c, forget_bias)
-      return (h, c), h
-
-    _, outputs = jax.lax.scan(step, (h0, c0), jnp.swapaxes(input_proj, 0, 1))
+    outputs = lstm_recurrence(jnp.swapaxes(input_proj, 0, 1), w_hh, h0, c0,
+                              self.config.forget_bias)
     return jnp.swapaxes(outputs, 0, 1)
 
   def _luong_logits(self, outputs: Array, memory: Array) -> Array:
