@@ -35,6 +35,10 @@ class RunCheckpointer:
     """The steps of the checkpoints on disk, ascending."""
     return sorted(self._manager.all_steps())
 
+  def delete(self, step: int) -> None:
+    """Removes the checkpoint of ``step`` (e.g. newer ones after a rollback to an older one)."""
+    self._manager.delete(step)
+
   def save(self, step: int, state: Any, meta: dict) -> None:
     """Saves ``state`` (arrays; typed PRNG keys are stored as key data) and JSON ``meta``."""
     state = jax.tree.map(_to_savable, state)

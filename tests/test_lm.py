@@ -98,8 +98,9 @@ def test_resume_equals_uninterrupted_across_the_nt_asgd_switch(corpus_dir, tmp_p
   assert evaluated['valid_ppl'] == pytest.approx(whole['valid_ppl'], rel=1e-6)
 
 
-def test_a_non_finite_loss_rolls_back_to_the_last_good_checkpoint(corpus_dir, tmp_path,
-                                                                  monkeypatch):
+@pytest.mark.parametrize('rollback_to', ['last', 'best'])
+def test_a_non_finite_loss_rolls_back_to_a_good_checkpoint(corpus_dir, tmp_path, monkeypatch,
+                                                           rollback_to):
   real_step = train_lib.train_step
   calls = []
 
@@ -110,16 +111,20 @@ def test_a_non_finite_loss_rolls_back_to_the_last_good_checkpoint(corpus_dir, tm
       metrics = dict(metrics, loss=metrics['loss'] * np.nan)
     return state, hidden, metrics
 
+  config = lm_config(corpus_dir, epochs=2, rollback_to=rollback_to)
+  cfg = lm.resolve_config(config)
+  first_epoch = len(lm.epoch_windows(cfg, len(lm.load_data(cfg)[1]), 0, 0))
+  assert first_epoch + 2 < 20 < 2 * first_epoch
+  # Checkpoints: the end of epoch 1 (also the best-valid state) and 2 steps into epoch 2.
+  config.checkpoint_every_steps = first_epoch + 2
   monkeypatch.setattr(train_lib, 'train_step', faulty_step)
-  config = lm_config(corpus_dir, epochs=2)
   metrics = lm.train_and_evaluate(config, str(tmp_path))
   assert metrics['finished'] and metrics['rollbacks'] == 1
   assert np.isfinite(metrics['valid_ppl'])
-  # Training went back to the end of epoch 1 (the newest good checkpoint) and redid epoch 2.
-  cfg = lm.resolve_config(config)
-  first_epoch = len(lm.epoch_windows(cfg, len(lm.load_data(cfg)[1]), 0, 0))
-  assert first_epoch < 20 < 2 * first_epoch
-  assert calls.count(first_epoch + 1) == 2 and calls.count(first_epoch) == 1
+  # 'last' went back to the mid-epoch checkpoint; 'best' to the end of epoch 1 (the reference),
+  # discarding the newer checkpoint; then epoch 2 was trained again.
+  restart = first_epoch + 2 if rollback_to == 'last' else first_epoch
+  assert calls.count(restart + 1) == 2 and calls.count(restart) == 1
 
 
 def test_divergence_stops_after_max_rollbacks_and_keeps_the_good_checkpoint(corpus_dir, tmp_path,

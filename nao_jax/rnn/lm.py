@@ -25,8 +25,8 @@ The run directory::
                          RNG key; JSON metadata: epoch, window in the epoch, step, valid-loss
                          history, NT-ASGD switch, best so far, rollbacks, wall time
     best/<step>          the best-valid state (same layout), scored at the end
-    tb/                  TensorBoard: train/{loss,nll,ppl,grad_norm,lr,tok_per_s},
-                         valid/{nll,ppl}, test/{nll,ppl}
+    tb/                  TensorBoard: train/{loss,nll,ppl,grad_norm,lr,tok_per_s,rollbacks},
+                         valid/{nll,ppl} per epoch, {valid,test}/best_ppl at the end
     metrics.json         final metrics (written once training has finished)
     eval_<step>.json     written by ``evaluate_checkpoint``
 
@@ -53,7 +53,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import time
 from typing import Any
 
@@ -346,16 +345,10 @@ def _restore(checkpointer: RunCheckpointer, step: int, mcfg, tcfg, batch_size: i
 
 
 def _drop_checkpoints_after(checkpointer: RunCheckpointer, step: int) -> None:
-  """Removes the checkpoints newer than ``step`` (a rollback to an older one).
-
-  Each is renamed away first (atomic), so a kill leaves either the checkpoint or nothing.
-  """
+  """Removes the checkpoints newer than ``step`` (so that the newest one is the one to resume)."""
   for later in checkpointer.all_steps():
     if later > step:
-      path = os.path.join(checkpointer.directory, str(later))
-      trash = os.path.join(checkpointer.directory, f'.discarded-{later}-{time.time_ns()}')
-      os.rename(path, trash)
-      shutil.rmtree(trash, ignore_errors=True)
+      checkpointer.delete(later)
 
 
 # -- evaluation -----------------------------------------------------------------------------------
@@ -511,6 +504,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       raise _Diverged(f'the state after step {meta["step"]} holds non-finite values')
     meta = dict(meta, wall_s=wall_before + time.time() - start_time,
                 tok_per_s=progress['tok_per_s'])
+    # A step saved before a kill (best-valid state, then killed before the epoch checkpoint) is
+    # written again by the replay: replace it.
+    _drop_checkpoints_after(target, meta['step'] - 1)
     target.save(meta['step'], state, meta)
 
   def flush(pending: list, meta: dict, epoch_len: int) -> None:
