@@ -13,9 +13,20 @@ scoring P architectures, compilation excluded), ``score_compile_s``, ``dispatch`
 figures), per-back-end step times with ``--dispatch both``, and the load average before and
 after (the machine is shared: read the figures against it).
 
-Measured (2 shared CPU cores, jax 0.10.2 CPU; see the final report of issue 5 for the figures
-and the load they were taken under): ``'switch'`` is faster than ``'select'`` on CPU, so it is the
-default.
+Also ``train_step_cpu_s`` / ``score_cpu_s_per_arch``: process CPU seconds, less sensitive than
+wall time to other jobs on a shared machine.
+
+Measured on the 2-core shared CPU (jax 0.10.2, 2026-11-28), under other jobs' load:
+
+* reference config, load average 8.4-10.1: ``train_step_s`` 9.74 (CPU 5.06 s), ``compiles`` 0,
+  compile 129 s; scoring 9.6 s per architecture (CPU 5.4 s), i.e. ~96 min for 600 (measured on
+  10 architectures: ``--score-archs 10``);
+* dispatch, N=1 C=20 batch 64, load ~9: switch 4.8 s (CPU 2.3 s), select 20.5 s (CPU 10.3 s):
+  ``'switch'`` is the default.
+
+Earlier states of the same code at the reference config (load 5-7) show where the time went:
+XLA:CPU's grouped convolution for the depthwise convs and no rematerialisation, 16-25 s per step;
+shifted-multiply-add depthwise convs, 15-17 s; plus rematerialised switch branches, 5-6.7 s.
 """
 
 from __future__ import annotations
@@ -76,17 +87,19 @@ def time_train(args, dispatch: str, counter: CompileCounter) -> dict:
     jax.block_until_ready(metrics)
   cache_before = step_fn._cache_size() if hasattr(step_fn, '_cache_size') else None
   counter.count, counter.active = 0, True
-  times = []
+  times, cpu_times = [], []
   for i in range(args.warmup, args.warmup + args.steps):
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     state, metrics = step_fn(state, images, labels, archs[i], keys[i])
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
+    cpu_times.append(time.process_time() - cpu_start)
   counter.active = False
   cache_after = step_fn._cache_size() if hasattr(step_fn, '_cache_size') else None
   print(f'[{dispatch}] steps: {", ".join(f"{t:.2f}" for t in times)}', file=sys.stderr,
         flush=True)
-  out = {'train_step_s': statistics.median(times), 'compile_s': compile_s,
+  out = {'train_step_s': statistics.median(times),
+         'train_step_cpu_s': statistics.median(cpu_times), 'compile_s': compile_s,
          'compiles': counter.count, 'loss': float(metrics['loss'])}
   if cache_before is not None:
     out['jit_cache_growth'] = cache_after - cache_before
@@ -111,13 +124,14 @@ def time_score(args, dispatch: str, state, counter: CompileCounter) -> dict:
   compile_s = time.perf_counter() - start
   print(f'[score] compiled in {compile_s:.1f} s', file=sys.stderr, flush=True)
   counter.count, counter.active = 0, True
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), time.process_time()
   accuracy, _ = compiled(*call)
   accuracy = np.asarray(accuracy)
-  score_s = time.perf_counter() - start
+  score_s, score_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
   counter.active = False
   return {f'score_{args.score_archs}_archs_s': score_s, 'score_compile_s': compile_s,
           'score_s_per_arch': score_s / args.score_archs,
+          'score_cpu_s_per_arch': score_cpu_s / args.score_archs,
           'score_mean_accuracy': float(accuracy.mean())}
 
 
@@ -146,6 +160,7 @@ def main() -> None:
   if len(dispatches) > 1:
     for d in dispatches:
       out[f'train_step_s_{d}'] = results[d]['train_step_s']
+      out[f'train_step_cpu_s_{d}'] = results[d]['train_step_cpu_s']
       out[f'compile_s_{d}'] = results[d]['compile_s']
       out[f'compiles_{d}'] = results[d]['compiles']
   if args.score_archs:

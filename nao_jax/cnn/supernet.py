@@ -88,7 +88,9 @@ PRIMITIVES = ('auto', 'library', 'shifts')
 DISPATCH_NOTES = """\
 XLA:CPU executes a lax.switch as a real conditional, so only the chosen op runs; 'select' runs all
 five candidates (ten in reduction cells: stride 2 on the inputs and stride 1 on the nodes), which
-costs several times the FLOPs of the chosen op. On GPU a conditional is also a real branch (the
+costs several times the FLOPs of the chosen op. Measured on the 2-core CPU (N=1, C=20, batch 64,
+32x32, a new architecture every step, load average ~9): switch 4.8 s per training step (2.3
+CPU-s), select 20.5 s (10.3 CPU-s); same compile time (76 s vs 81 s). On GPU a conditional is also a real branch (the
 predicate is read back, or a CUDA-graph conditional node is used), and on TPU it runs on the scalar
 core, so 'switch' stays the better default there as long as the branch is not vmapped: under vmap
 (e.g. vmapping over architectures) JAX turns a switch into a select of all branches anyway, which
