@@ -1,6 +1,7 @@
 """Trains a recurrent cell on PTB / WikiText-2 from an ml_collections config (spec §6.8).
 
-  python -m experiments.train_lm --config=experiments/configs/naonet_ptb.py --workdir=runs/naonet_ptb
+  python -m experiments.train_lm --config=experiments/configs/naonet_ptb.py \
+      --workdir=runs/naonet_ptb
   python -m experiments.train_lm --config=experiments/configs/naonet_ptb.py:tiny \
       --workdir=/tmp/naonet_ptb_tiny --config.data_dir=../shared/data/ptb
   python -m experiments.train_lm --workdir=runs/naonet_ptb --evaluate   # score the best state

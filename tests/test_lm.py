@@ -194,7 +194,7 @@ def test_launcher_errors_are_one_line_with_nonzero_exit(corpus_dir, tmp_path):
     assert not (tmp_path / name / 'checkpoints').exists()
 
 
-# -- the WS-RNN evaluator ---------------------------------------------------------------------------
+# -- the WS-RNN evaluator --------------------------------------------------------------------------
 
 
 def ws_config(corpus_dir, **overrides) -> dict:
@@ -235,6 +235,11 @@ def test_pool_scored_in_one_call_equals_one_by_one_without_recompiling(corpus_di
   reference = ws_evaluator.from_config(ws_config(corpus_dir, score_window='reference'))
   starts = reference.score_starts(pool)
   assert starts.shape == (6, 1) and np.all(starts < len(reference.valid_data) // 10)
+  # Zeroing the carried state when the architecture changes is a different (finite) training.
+  reset = ws_evaluator.from_config(ws_config(corpus_dir, reset_hidden_on_arch_change=True))
+  reset.train_epochs_until(pool, 1)
+  scores = reset.score(pool)
+  assert np.all(np.isfinite(scores)) and not np.array_equal(scores, together)
 
 
 def test_start_round_resumes_a_killed_round_exactly(corpus_dir, tmp_path, monkeypatch):

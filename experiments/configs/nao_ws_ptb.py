@@ -1,4 +1,4 @@
-"""NAO-WS on Penn Treebank: the WS-RNN search (spec §3.1 WS-RNN column, §4.2, §4.3, §5.3, §5.4).
+"""NAO-WS on Penn Treebank: the WS-RNN search (spec §3.1 WS-RNN, §4.2, §4.3, §5.3, §5.4).
 
   python -m experiments.search --config=experiments/configs/nao_ws_ptb.py --workdir=runs/nao_ws_ptb
   python -m experiments.search --config=experiments/configs/nao_ws_ptb.py:tiny \

@@ -1,6 +1,7 @@
 """NAONet (the NAO cell found without weight sharing) on Penn Treebank (spec §6.8, §8.5).
 
-  python -m experiments.train_lm --config=experiments/configs/naonet_ptb.py --workdir=runs/naonet_ptb
+  python -m experiments.train_lm --config=experiments/configs/naonet_ptb.py \
+      --workdir=runs/naonet_ptb
   python -m experiments.train_lm --config=experiments/configs/naonet_ptb.py:official \
       --workdir=runs/naonet_ptb_official                    # lr 20, NT-ASGD, L2 8e-7
   python -m experiments.train_lm --config=experiments/configs/naonet_ptb.py:tiny \

@@ -1,6 +1,7 @@
 """NAONet (the NAO PTB cell) on WikiText-2 (spec §6.8).
 
-  python -m experiments.train_lm --config=experiments/configs/naonet_wt2.py --workdir=runs/naonet_wt2
+  python -m experiments.train_lm --config=experiments/configs/naonet_wt2.py \
+      --workdir=runs/naonet_wt2
   python -m experiments.train_lm --config=experiments/configs/naonet_wt2.py:official \
       --workdir=runs/naonet_wt2_official                    # lr 20, NT-ASGD, L2 5e-7
   python -m experiments.train_lm --config=experiments/configs/naonet_wt2.py:tiny \

@@ -38,18 +38,26 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import os
 import time
 import zlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
+
+from absl import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from nao_jax.checkpoint import RunCheckpointer
+from nao_jax.cnn import standalone
 from nao_jax.cnn import supernet as supernet_lib
 from nao_jax.cnn import supernet_train as st
 from nao_jax.data import augment
+from nao_jax.data import search_split
+from nao_jax.data.search_split import SearchData
+from nao_jax.progress import ScalarWriter
 from nao_jax.spaces import WS_SPACE
 
 SCORE_BATCHES = ('fixed', 'random', 'sequential')
@@ -418,3 +426,229 @@ class SupernetEvaluator:
 
 
 __all__ = ['WsEvaluatorConfig', 'SupernetEvaluator', 'SCORE_BATCHES']
+
+
+# -- the search's evaluator: run directory, resume, re-ranking ----------------------------------------
+
+# Scalar keys of the ``ws_cnn`` config section that go straight into ``WsEvaluatorConfig``.
+_WS_SCALAR_KEYS = ('epochs_per_round', 'restart_schedule_each_round', 'sample_policy',
+                   'score_batch_size', 'score_batches', 'keep_score_bn_updates', 'score_capacity',
+                   'prescore_pool', 'log_every', 'seed', 'param_count_layers',
+                   'param_count_channels')
+# Keys of the section that configure the run rather than the supernet.
+_WS_RUN_KEYS = ('supernet', 'train', 'rerank', 'checkpoint_every_steps', 'data_parallel')
+
+
+class WsCnnEvaluator(SupernetEvaluator):
+  """``SupernetEvaluator`` of a search: owns ``<workdir>/supernet`` and re-ranks the finalists.
+
+  What the registry's ``'ws_cnn'`` builds (``from_config``). On top of the supernet:
+
+  * **Resume.** The state (``state_dict()``: parameters, BN statistics, optimizer state, step,
+    key; the round bookkeeping) is an Orbax checkpoint under ``<workdir>/supernet``, saved every
+    ``checkpoint_every`` training steps and at the end of every round's training and scoring
+    (with the round's scores, so a restart answers them without scoring again). A new evaluator
+    on the same workdir restores the newest one, and ``start_round(pool, r)`` then trains only
+    what is left of round r: the data order, architecture sampling and keys are functions of
+    (seed, step), so a search killed mid-round ends exactly as an uninterrupted one (CPU).
+  * **Re-ranking** (PT-V1, spec §5.2): ``rerank(archs)`` trains each finalist stand-alone with
+    the fixed network (``standalone.train_candidate``; ``rerank_config``: N=3, C=20, drop-path
+    keep 0.8, dropout keep 0.6, auxiliary head, cosine 0.025 -> 0.001 over 10 epochs) on the
+    training split and scores it on the whole dev split. Each finalist trains in
+    ``<workdir>/rerank/<hash>`` (checkpoints every epoch, ``result.json`` when done).
+  * Progress lines (``log_every``) in the log and ``supernet/*`` scalars in ``<workdir>/tb``.
+
+  Args:
+    config: the supernet evaluator's settings.
+    data: the search split (``x_train`` trains the supernet and the finalists, ``x_valid``
+      scores).
+    workdir: the search's run directory; None: nothing is saved (no resume).
+    rerank_config: the finalists' stand-alone training.
+    checkpoint_every: training steps between mid-round checkpoints (0: round ends only).
+    mesh: data parallelism over a ``'data'`` axis (see ``SupernetEvaluator``), or None.
+  """
+
+  def __init__(self, config: WsEvaluatorConfig, data: SearchData, workdir: str | None, *,
+               rerank_config: standalone.StandaloneConfig = standalone.StandaloneConfig(),
+               checkpoint_every: int = 0, mesh: jax.sharding.Mesh | None = None):
+    self.data = data
+    self.workdir = workdir
+    self.rerank_config = rerank_config
+    self._checkpointer = None
+    self._writer = None
+    self._started = None
+    super().__init__(config, data.x_train, data.y_train, data.x_valid, data.y_valid, mesh=mesh,
+                     progress_callback=self._progress, checkpoint_callback=self.save,
+                     checkpoint_every=checkpoint_every)
+    if workdir is not None:
+      self._checkpointer = RunCheckpointer(workdir, max_to_keep=2, subdir='supernet')
+      self._writer = ScalarWriter(os.path.join(workdir, 'tb', 'supernet'))
+      latest = self._checkpointer.latest_step()
+      if latest is not None:
+        self._load(latest)
+
+  # -- resume -----------------------------------------------------------------------------------
+
+  def save(self) -> None:
+    """Checkpoints the supernet and this round's scores under ``<workdir>/supernet``."""
+    if self._checkpointer is None:
+      return
+    arrays, meta = self.state_dict()
+    meta['train_size'] = self.train_config.train_size
+    meta['batch_size'] = self.train_config.batch_size
+    meta['score_cache'] = {k.hex(): v for k, v in self._cache.items()}
+    step = meta['step']
+    if self._checkpointer.latest_step() == step:
+      # The same step saved mid-round before the round's end: replace it, so the round-end
+      # flag and scores are what a restart finds (a kill in between falls back to the older
+      # checkpoint, which only means retraining).
+      self._checkpointer.delete(step)
+    self._checkpointer.save(step, arrays, meta)
+
+  def _load(self, step: int) -> None:
+    meta = self._checkpointer.restore_meta(step)
+    here = (self.config.seed, self.train_config.train_size, self.train_config.batch_size)
+    there = (meta['seed'], meta['train_size'], meta['batch_size'])
+    if here != there:
+      raise ValueError(f'{self.workdir}/supernet holds a supernet of (seed, training images, '
+                       f'batch) = {there}; this config gives {here}')
+    arrays, meta = self._checkpointer.restore(step, self.state_dict()[0])
+    self.load_state_dict(arrays, meta)
+    self._cache = {bytes.fromhex(k): dict(v) for k, v in meta.get('score_cache', {}).items()}
+    logging.info('supernet resumed at step %d (round %d%s)', step, self._round,
+                 ', trained and scored' if self._round_done else '')
+
+  def start_round(self, pool_archs: np.ndarray, round_index: int) -> None:
+    """Trains what is left of round ``round_index`` (see ``SupernetEvaluator.start_round``),
+    scores the pool and checkpoints both."""
+    already = round_index < self._round or (round_index == self._round and self._round_done)
+    total = self.config.epochs_per_round * self.train_config.steps_per_epoch
+    logging.info('supernet round %d: %s on a pool of %d (step %d, %d steps per round)',
+                 round_index, 'already trained' if already else 'training', len(pool_archs),
+                 int(self.state.step), total)
+    self._started = time.time(), int(self.state.step)
+    super().start_round(pool_archs, round_index)
+    if not already:
+      self.save()
+      if self._writer is not None and self._cache:
+        scores = [v['score'] for v in self._cache.values()]
+        step = int(self.state.step)
+        self._writer.scalar('supernet/pool_best_score', max(scores), step)
+        self._writer.scalar('supernet/pool_mean_score', float(np.mean(scores)), step)
+        self._writer.flush()
+
+  def _progress(self, values: dict) -> None:
+    """Log line with speed and round ETA; TensorBoard scalars."""
+    if self._writer is not None:
+      for key in ('loss', 'accuracy', 'grad_norm', 'lr'):
+        if key in values:
+          self._writer.scalar(f'supernet/{key}', values[key], values['step'])
+    rate = eta = None
+    if self._started is not None:
+      elapsed = time.time() - self._started[0]
+      done = values['step'] - self._started[1]
+      if done > 0 and elapsed > 0:
+        rate = done / elapsed
+        end = (self._round_start_step
+               + self.config.epochs_per_round * self.train_config.steps_per_epoch)
+        eta = (end - values['step']) / rate
+    logging.info('supernet round %d step %d: loss %.4f acc %.4f grad_norm %.3f lr %.5f%s',
+                 values['round'], values['step'], values['loss'], values['accuracy'],
+                 values['grad_norm'], values['lr'],
+                 '' if rate is None else f'; {rate:.2f} steps/s, round ETA {eta:.0f}s')
+
+  # -- re-ranking ---------------------------------------------------------------------------------
+
+  def rerank(self, archs: Sequence[np.ndarray] | np.ndarray) -> list[dict]:
+    """Stand-alone training of each finalist (PT-V1): ``[{'score': dev accuracy, ...}]``.
+
+    Each record: ``score`` (dev accuracy after the last epoch, or the best one with
+    ``rerank_config.score = 'best'``), ``valid_accuracy`` (per evaluation), ``params``,
+    ``cost`` (training seconds). A finalist whose training finished before is not trained again;
+    one that was interrupted resumes from its newest checkpoint.
+    """
+    root = None if self.workdir is None else os.path.join(self.workdir, 'rerank')
+    records = []
+    for arch in archs:
+      arch = WS_SPACE.validate(arch)
+      text = WS_SPACE.format(arch)
+      result = standalone.train_candidate(
+          WS_SPACE, arch, self.rerank_config, self.data,
+          standalone.candidate_dir(root, WS_SPACE, arch), seed=self.config.seed,
+          tag=f'rerank {text}')
+      records.append({'score': result['score'], 'valid_accuracy': result['valid_accuracy'],
+                      'params': result['params'], 'cost': result['cost']})
+    return records
+
+  def close(self) -> None:
+    if self._checkpointer is not None:
+      self._checkpointer.close()
+    if self._writer is not None:
+      self._writer.close()
+
+
+def resolve_config(config: Mapping[str, Any]
+                   ) -> tuple[WsEvaluatorConfig, standalone.StandaloneConfig, dict]:
+  """The evaluator's settings from a search config's ``ws_cnn`` section.
+
+  Returns:
+    ``(WsEvaluatorConfig, rerank StandaloneConfig, run options)``; run options:
+    ``checkpoint_every_steps``, ``data_parallel``. The seed defaults to the search's; the
+    classes and the mean / std are the data's (set in ``from_config``).
+
+  Raises:
+    ValueError: an unknown key (listing the known ones) or a bad value.
+  """
+  section = dict(config.get('ws_cnn', {}) or {})
+  known = set(_WS_SCALAR_KEYS) | set(_WS_RUN_KEYS)
+  unknown = sorted(set(section) - known)
+  if unknown:
+    raise ValueError(f'unknown ws_cnn config key(s) {unknown}; known: {sorted(known)}')
+
+  def sub(cls, name):
+    values = dict(section.get(name, {}) or {})
+    fields = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(values) - fields)
+    if bad:
+      raise ValueError(f'unknown ws_cnn.{name} config key(s) {bad}; known: {sorted(fields)}')
+    return cls(**values)
+
+  supernet = sub(supernet_lib.SupernetConfig, 'supernet')
+  train = sub(st.TrainConfig, 'train')
+  scalars = {k: section[k] for k in _WS_SCALAR_KEYS if k in section}
+  scalars.setdefault('seed', int(config.get('seed', 0)))
+  ws_cfg = WsEvaluatorConfig(supernet=supernet, train=train, **scalars)
+  rerank = standalone.config_from_dict(section.get('rerank'), 'ws_cnn.rerank')
+  run = {'checkpoint_every_steps': int(section.get('checkpoint_every_steps', 0)),
+         'data_parallel': bool(section.get('data_parallel', True))}
+  if run['checkpoint_every_steps'] < 0:
+    raise ValueError(f'ws_cnn.checkpoint_every_steps must be >= 0, got '
+                     f'{run["checkpoint_every_steps"]}')
+  return ws_cfg, rerank, run
+
+
+def from_config(config: Mapping[str, Any], workdir: str | None = None) -> WsCnnEvaluator:
+  """The registry's ``'ws_cnn'`` builder: reads the data now, so a bad path fails before any work.
+
+  Reads the ``data`` section (``search_split.DATA_DEFAULTS``: CIFAR from ``data.path`` or
+  ``$NAO_DATA_DIR``, the 45k / 5k split; or ``'digits'`` / ``'synthetic'``) and the ``ws_cnn``
+  section (``resolve_config``), and restores ``<workdir>/supernet`` if it holds a checkpoint.
+  """
+  ws_cfg, rerank_cfg, run = resolve_config(config)
+  data = search_split.load_search_data(config.get('data'), seed=int(config.get('seed', 0)))
+  ws_cfg = dataclasses.replace(
+      ws_cfg, supernet=dataclasses.replace(ws_cfg.supernet, num_classes=data.num_classes),
+      mean=tuple(float(v) for v in data.mean), std=tuple(float(v) for v in data.std))
+  rounds = int((config.get('nao') or {}).get('rounds', 0))
+  if rounds and (rounds + 1) * ws_cfg.epochs_per_round != ws_cfg.train.epochs:
+    logging.warning('ws_cnn.train.epochs = %d (the schedule) but %d scorings x %d epochs per '
+                    'round = %d supernet epochs', ws_cfg.train.epochs, rounds + 1,
+                    ws_cfg.epochs_per_round, (rounds + 1) * ws_cfg.epochs_per_round)
+  mesh = None
+  if run['data_parallel'] and jax.device_count() > 1:
+    mesh = jax.make_mesh((jax.device_count(),), ('data',))
+  return WsCnnEvaluator(ws_cfg, data, workdir, rerank_config=rerank_cfg,
+                        checkpoint_every=run['checkpoint_every_steps'], mesh=mesh)
+
+
+__all__ += ['WsCnnEvaluator', 'resolve_config', 'from_config']

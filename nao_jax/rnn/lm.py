@@ -435,9 +435,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   Returns:
     ``metrics.json``'s content: ``valid_ppl``/``valid_nll`` and ``test_ppl``/``test_nll`` of the
     best-valid state, ``best_epoch``, ``last_valid_ppl``, ``params``, ``epochs``, ``steps``,
-    ``train_tok_per_s``, ``rollbacks``, ``asgd_start_epoch``, ``wall_s``, ``seed``, ``arch``
-    (official string), ``space``, ``arch_name``, ``config``, ``finished``. After a ``max_steps``
-    stop ``finished`` is False and only the position and wall time are filled in.
+    ``train_tok_per_s`` (over all timed steps), ``rollbacks``, ``asgd_start_epoch``, ``wall_s``,
+    ``seed``, ``arch`` (official string), ``space``, ``arch_name``, ``config``, ``finished``.
+    After a ``max_steps`` stop ``finished`` is False and only the position and wall time are
+    filled in.
 
   Raises:
     ValueError, FileNotFoundError: bad config or data, before any work.
@@ -468,7 +469,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     return {'step': 0, 'epoch': 0, 'window': 0, 'valid_history': [], 'asgd': False,
             'asgd_start_epoch': None, 'best_valid_nll': None, 'best_epoch': None,
             'best_step': None, 'rollbacks': 0, 'wall_s': 0.0, 'train_rows': rows,
-            'batch_size': batch, 'tok_per_s': 0.0}
+            'batch_size': batch, 'timed_tokens': 0, 'timed_s': 0.0}
 
   # -- state: own checkpoint, else fresh from the seed (checkpointed as step 0) -------------------
   latest = checkpointer.latest_step()
@@ -497,13 +498,16 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   wall_before = float(meta['wall_s'])
   max_steps = int(cfg.train.max_steps)
   ckpt_every = int(cfg.checkpoint_every_steps)
-  progress = {'tokens': 0, 'start': None, 'tok_per_s': float(meta.get('tok_per_s', 0.0))}
+  # Throughput: of the steps since the last log line (progress lines, TensorBoard) and of all
+  # timed steps of the run (metrics.json); compilation, evaluation and saving are not timed.
+  progress = {'tokens': 0, 'start': None, 'tok_per_s': 0.0,
+              'timed_tokens': int(meta['timed_tokens']), 'timed_s': float(meta['timed_s'])}
 
   def save(target: RunCheckpointer, state: dict, meta: dict) -> None:
     if not bool(_all_finite(state['train'])):
       raise _Diverged(f'the state after step {meta["step"]} holds non-finite values')
     meta = dict(meta, wall_s=wall_before + time.time() - start_time,
-                tok_per_s=progress['tok_per_s'])
+                timed_tokens=progress['timed_tokens'], timed_s=progress['timed_s'])
     # A step saved before a kill (best-valid state, then killed before the epoch checkpoint) is
     # written again by the replay: replace it.
     _drop_checkpoints_after(target, meta['step'] - 1)
@@ -520,7 +524,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
     step = meta['step']
     if progress['start'] is not None and progress['tokens']:
-      progress['tok_per_s'] = progress['tokens'] / max(time.time() - progress['start'], 1e-9)
+      elapsed = time.time() - progress['start']
+      progress['tok_per_s'] = progress['tokens'] / max(elapsed, 1e-9)
+      progress['timed_tokens'] += progress['tokens']
+      progress['timed_s'] += elapsed
       writer.scalar('train/tok_per_s', progress['tok_per_s'], step)
     steps_left = (epochs - meta['epoch']) * epoch_len - meta['window']
     if max_steps:
@@ -649,7 +656,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     finished = meta['epoch'] >= epochs
     result = {'step': meta['step'], 'epoch': meta['epoch'], 'window': meta['window'],
               'finished': finished, 'rollbacks': meta['rollbacks'],
-              'train_tok_per_s': progress['tok_per_s'], 'params': num_params,
+              'train_tok_per_s': progress['timed_tokens'] / max(progress['timed_s'], 1e-9),
+              'params': num_params,
               'arch': space.format(arch), 'arch_name': cfg.arch, 'space': space.name,
               'seed': cfg.seed}
     if not finished:
