@@ -12,6 +12,8 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
   nbformat = pytest.importorskip('nbformat')
   nbclient = pytest.importorskip('nbclient')
   monkeypatch.setenv('NAO_QUICKSTART_VARIANT', 'tiny')
+  # As conftest.py does for this process: tiny shapes compile faster without XLA's passes.
+  monkeypatch.setenv('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
   monkeypatch.setenv('PYTHONPATH', ROOT)
   notebook = nbformat.read(NOTEBOOK, as_version=4)
   client = nbclient.NotebookClient(notebook, timeout=600, kernel_name='python3',

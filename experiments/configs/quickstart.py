@@ -5,7 +5,7 @@
 The PT-V1 search of ``nao_ws_cifar10.py`` (the same code: supernet, controller, embedding-space
 step, re-ranking) shrunk to run in minutes on a laptop CPU: the 1,797 8x8 digits upsampled to
 16x16 RGB (1,500 training images, 300 of them held out as the dev split that scores, 297 test
-images never looked at), a supernet of one cell per stage with 8 channels trained 3 epochs per
+images never looked at), a supernet of one cell per stage with 8 channels trained 5 epochs per
 round, a pool of 24 architectures, 3 rounds of 8 new ones, the best 2 re-ranked by 2 epochs of
 stand-alone training. The numbers it prints are a demonstration that the loop runs end to end,
 not a search result: digits are easy, and the supernet is tiny.
@@ -35,8 +35,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.update(source='digits', image_size=16, num_dev=300, mean_std_stats='train')
   config.ws_cnn.update(
       supernet=dict(layers=1, channels=8, drop_path_keep=0.9),
-      train=dict(batch_size=32, epochs=12, lr_max=0.05, lr_min=0.001),
-      epochs_per_round=3, score_batch_size=300, score_capacity=32, log_every=20,
+      train=dict(batch_size=32, epochs=20, lr_max=0.05, lr_min=0.001),
+      epochs_per_round=5, score_batch_size=300, score_capacity=32, log_every=20,
       checkpoint_every_steps=100,
       rerank=dict(layers=1, channels=8, epochs=2, batch_size=32, eval_batch_size=300,
                   use_aux_head=False, log_every_steps=20))
