@@ -6,7 +6,7 @@ The PT-V1 search of ``nao_ws_cifar10.py`` (the same code: supernet, controller, 
 step, re-ranking) shrunk to run in minutes on a laptop CPU: the 1,797 8x8 digits upsampled to
 16x16 RGB (1,500 training images, 300 of them held out as the dev split that scores, 297 test
 images never looked at), a supernet of one cell per stage with 8 channels trained 5 epochs per
-round, a pool of 24 architectures, 3 rounds of 8 new ones, the best 2 re-ranked by 2 epochs of
+round, a pool of 24 architectures, 3 rounds of 8 new ones, the best 2 re-ranked by 6 epochs of
 stand-alone training. The numbers it prints are a demonstration that the loop runs end to end,
 not a search result: digits are easy, and the supernet is tiny.
 
@@ -38,6 +38,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       train=dict(batch_size=32, epochs=20, lr_max=0.05, lr_min=0.001),
       epochs_per_round=5, score_batch_size=300, score_capacity=32, log_every=20,
       checkpoint_every_steps=100,
-      rerank=dict(layers=1, channels=8, epochs=2, batch_size=32, eval_batch_size=300,
-                  use_aux_head=False, log_every_steps=20))
+      rerank=dict(layers=1, channels=8, epochs=6, batch_size=32, lr_max=0.05,
+                  eval_batch_size=300, use_aux_head=False, log_every_steps=20))
   return config
