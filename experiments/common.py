@@ -10,6 +10,12 @@ Every launcher reports a bad flag, config key, config value or input file as one
       common.setup(argv)
       with common.one_line_errors():
         ...
+
+Flags shared by every launcher (defined here, once): ``--distributed`` turns on multi-process
+JAX (``jax.distributed.initialize`` in ``setup``, before anything touches a device);
+``--coordinator_address``, ``--num_processes`` and ``--process_id`` are discovered on TPU pods,
+SLURM and Open MPI, and are given explicitly for a manual multi-GPU or loopback CPU run. See
+``nao_jax/parallel.py`` for what the launchers assume in a multi-process run.
 """
 
 from __future__ import annotations
@@ -22,6 +28,22 @@ from typing import Iterator
 
 from absl import flags
 from absl import logging
+import jax
+
+from nao_jax import parallel
+
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Multi-process run: calls jax.distributed.initialize before any device '
+    'is used (TPU pods, multi-GPU hosts, clusters, loopback CPU processes).')
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    'coordinator_address', None, 'HOST:PORT of process 0 for --distributed; discovered on TPU '
+    'pods, SLURM and Open MPI.')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, 'Number of processes for --distributed; discovered when unset.',
+    lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, 'This process\'s index (0 .. num_processes-1) for --distributed; '
+    'discovered when unset.', lower_bound=0)
 
 # What the library raises for bad input: these become one line, everything else a traceback.
 INPUT_ERRORS = (ValueError, FileNotFoundError, ImportError)
@@ -56,11 +78,34 @@ def quiet_orbax() -> None:
 
 
 def setup(argv: list[str]) -> None:
-  """Refuses positional arguments; absl logging (progress lines) to stdout, Orbax INFO muted."""
+  """Refuses positional arguments; absl logging (progress lines) to stdout, Orbax INFO muted.
+
+  With ``--distributed`` it joins the multi-process run (``parallel.initialize_distributed``),
+  which must happen before anything touches a device: call ``setup`` first in ``main``.
+  """
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments: {" ".join(argv[1:])}')
   logging.get_absl_handler().python_handler.stream = sys.stdout
   quiet_orbax()
+  explicit = {'--coordinator_address': _COORDINATOR_ADDRESS.value,
+              '--num_processes': _NUM_PROCESSES.value, '--process_id': _PROCESS_ID.value}
+  if not _DISTRIBUTED.value:
+    given = [name for name, value in explicit.items() if value is not None]
+    if given:
+      sys.exit(f'error: {", ".join(given)} given without --distributed')
+  else:
+    if _PROCESS_ID.value is not None and _NUM_PROCESSES.value is not None and \
+        _PROCESS_ID.value >= _NUM_PROCESSES.value:
+      sys.exit(f'error: --process_id={_PROCESS_ID.value} must be below '
+               f'--num_processes={_NUM_PROCESSES.value}')
+    try:
+      parallel.initialize_distributed(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
+                                      _PROCESS_ID.value)
+    except (ValueError, RuntimeError) as e:
+      lines = str(e).strip().splitlines() or [type(e).__name__]
+      sys.exit(f'error: --distributed: {lines[0]}')
+    logging.info('process %d of %d, %d local / %d global devices', jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 @contextlib.contextmanager

@@ -7,9 +7,34 @@ the gradient all-reduce. Each host feeds only its own slice of a global batch
 array. Every host draws architectures from the same seed, so all devices train the same
 architecture at a step without communicating.
 
-Multi-host (TPU pods, multi-GPU clusters): call ``initialize_distributed()`` first; on Cloud TPU
-the coordinator is discovered automatically, elsewhere pass ``coordinator_address``,
-``num_processes`` and ``process_id`` (or set them in the environment, see WORKSPACE.md).
+Multi-process runs (TPU pods, multi-GPU hosts and clusters, loopback CPU): the launchers take
+``--distributed`` (``experiments/common.py``), which calls ``initialize_distributed()`` before
+anything touches a device. On Cloud TPU, SLURM and Open MPI the coordinator, process count and
+process id are discovered; elsewhere pass ``--coordinator_address=HOST:PORT``,
+``--num_processes`` and ``--process_id`` (or ``JAX_COORDINATOR_ADDRESS``, see WORKSPACE.md).
+``tests/test_distributed.py`` checks that two loopback CPU processes train exactly as one.
+
+What the launchers assume in a multi-process run (they are not specialised for it, and were
+checked by hand only with two loopback CPU processes):
+
+* every process runs the same command, config and seed, so host-side decisions (architecture
+  sampling, pool order, evaluation schedule) agree without communication;
+* the data-parallel code paths put their batches on a mesh over all processes' devices
+  (``cnn/final.py``: ``train_cifar`` / ``evaluate_cifar``; the ``ws_cnn`` evaluator with
+  ``data_parallel``); the rest (controller training in a search, the tabular and scratch
+  evaluators, ``train_lm``) runs on a single device and is simply repeated by every process.
+  ``rnn/lm.py`` and ``cnn/standalone.py`` place work on ``jax.devices()[0]``, which belongs to
+  process 0, so they are not expected to work under ``--distributed``;
+* every process writes the run directory's plain files (``config.json``, ``history.jsonl``,
+  ``results.json``, ``metrics.json``, plots, TensorBoard) itself, with the same content, through
+  the same ``<file>.tmp`` name; nothing is guarded by ``jax.process_index() == 0``. Orbax
+  checkpoints are collective and their replicated arrays are written by process 0 only.
+  Consequences: processes sharing one ``--workdir`` race on the ``.tmp`` rename and append
+  ``history.jsonl`` twice (a 2-process ``train_cifar`` and ``search`` both died on it); one
+  ``--workdir`` per process runs to the end (``train_cifar:tiny`` did, data parallel over both
+  processes, both reporting the same test accuracy) but only process 0's directory holds
+  checkpoints, so such a run cannot be resumed. Resumable multi-process runs need
+  process-0-only writes of those files (not done yet).
 """
 
 from __future__ import annotations
@@ -26,11 +51,23 @@ DATA_AXIS = 'data'
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
                            process_id: int | None = None) -> None:
-  """``jax.distributed.initialize``; without arguments it auto-detects TPU pods and SLURM.
+  """``jax.distributed.initialize``; arguments left ``None`` are discovered (TPU, SLURM, Open MPI).
 
-  Call it only for multi-process runs (launchers do so behind ``--config.distributed``), before
-  any other JAX call.
+  Call it only for multi-process runs (launchers do so behind ``--distributed``), before any
+  other JAX call touches a device. When the CPU backend may be used (``jax_platforms`` unset or
+  naming ``cpu``) and no CPU collectives were chosen, it selects gloo
+  (``jax_cpu_collectives_implementation='gloo'``, over TCP through the coordinator): without
+  cross-process CPU collectives a multi-process CPU computation cannot all-reduce (jax 0.10
+  already defaults to gloo; older releases defaulted to none). An explicit choice (``mpi``) is
+  kept. The option only affects the CPU client, so it is harmless on GPU and TPU.
+
+  Raises:
+    RuntimeError: when a JAX backend is already initialised (JAX's own check).
   """
+  platforms = jax.config.jax_platforms or ''
+  if (not platforms or 'cpu' in platforms.split(',')) and \
+      jax.config.jax_cpu_collectives_implementation is None:
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id)
 
@@ -51,8 +88,23 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def replicate(tree, mesh: Mesh):
-  """Places every leaf of ``tree`` on all devices of ``mesh``."""
-  return jax.device_put(tree, replicated(mesh))
+  """Places every leaf of ``tree`` on all devices of ``mesh``.
+
+  In a multi-process run every process must pass the same values (JAX checks host values and
+  uncommitted arrays). Typed PRNG keys go through their key data there, since ``device_put``
+  refuses key arrays for a sharding with devices of other processes.
+  """
+  sharding = replicated(mesh)
+  if sharding.is_fully_addressable:
+    return jax.device_put(tree, sharding)
+
+  def put(x):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      data = jax.device_put(jax.random.key_data(x), sharding)
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    return jax.device_put(x, sharding)
+
+  return jax.tree.map(put, tree)
 
 
 def check_batch_size(global_batch: int, mesh: Mesh) -> None:
