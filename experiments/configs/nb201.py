@@ -23,24 +23,34 @@ def get_config():
   config.budget = 100
   config.log_every = 10
 
-  # The NAO loop, sized for budgets of 50-300 queries (the PT-V1 defaults are 600/100/300/50).
+  # The NAO loop, sized for budgets of 50-300 queries (the PT-V1 defaults are 600/100/300/50):
+  # a 20-architecture seed pool, rounds of 10 queries chosen by the predictor among 100 unseen
+  # decodes (candidates_per_new=10) of steps eta = 0.5, 1, ... <= 100 from the top 50, every
+  # evaluated architecture kept for training, 100 warm controller epochs after the first round.
+  # Chosen on seeds 0-14 (benchmarks/README.md); the reported figures use other seeds.
   config.nao = ml_collections.ConfigDict(dict(
       seed_pool_size=20,
       pool_size=0,
-      top_k=10,
+      top_k=50,
       num_new=10,
-      eta_max=50.0,
-      eta_step=1.0,
-      eta_chunk=5,
+      eta_max=100.0,
+      eta_step=0.5,
+      eta_chunk=10,
       pool_policy='keep_all',
       num_random=0,
       fill_with_random=True,
       rounds=0,
       exclude='evaluated',
+      candidates_per_new=10.0,
+      rerank_top=0,
+      warm_epochs=100,
   ))
-  # nao_jax.controller.ControllerConfig: PT-V1 defaults except where named here.
+  # nao_jax.controller.ControllerConfig: PT-V1 defaults except where named here. Rank targets
+  # (a named deviation, see ControllerConfig) resolve the crowded top of NAS-Bench-201, where
+  # min-max targets squeeze the best architectures into the last percent of [0, 1].
   config.controller = ml_collections.ConfigDict(controller_config.config_file_defaults(
       epochs=300,
+      target_transform='rank',
   ))
   config.evolution = ml_collections.ConfigDict(dict(population_size=20, sample_size=5))
   return config
