@@ -14,27 +14,33 @@ process id are discovered; elsewhere pass ``--coordinator_address=HOST:PORT``,
 ``--num_processes`` and ``--process_id`` (or ``JAX_COORDINATOR_ADDRESS``, see WORKSPACE.md).
 ``tests/test_distributed.py`` checks that two loopback CPU processes train exactly as one.
 
-What the launchers assume in a multi-process run (they are not specialised for it, and were
-checked by hand only with two loopback CPU processes):
+What the launchers assume in a multi-process run (they are not specialised for it; checked with
+two loopback CPU processes only, never on GPUs or TPUs):
 
 * every process runs the same command, config and seed, so host-side decisions (architecture
   sampling, pool order, evaluation schedule) agree without communication;
+* all processes share one ``--workdir`` (a shared file system on a cluster). Every process reads
+  it (``config.json``, ``history.jsonl``, ``results.json``, the checkpoints, ``metrics.json``), so
+  a resumed run replays and restores identically everywhere, and keeps the same history in
+  memory; only the primary process (``is_primary()``) writes the plain files (``config.json``,
+  ``history.jsonl``, ``results.json``, ``metrics.json``, ``eval_<step>.json``, plots, drawings,
+  TensorBoard: ``progress.ScalarWriter`` is a no-op elsewhere). ``sync_processes`` makes every
+  process finish reading before the primary writes. Orbax checkpoints are collective: every
+  process calls save and restore, and the replicated arrays are written once;
 * the data-parallel code paths put their batches on a mesh over all processes' devices
   (``cnn/final.py``: ``train_cifar`` / ``evaluate_cifar``; the ``ws_cnn`` evaluator with
   ``data_parallel``); the rest (controller training in a search, the tabular and scratch
-  evaluators, ``train_lm``) runs on a single device and is simply repeated by every process.
-  ``rnn/lm.py`` and ``cnn/standalone.py`` place work on ``jax.devices()[0]``, which belongs to
-  process 0, so they are not expected to work under ``--distributed``;
-* every process writes the run directory's plain files (``config.json``, ``history.jsonl``,
-  ``results.json``, ``metrics.json``, plots, TensorBoard) itself, with the same content, through
-  the same ``<file>.tmp`` name; nothing is guarded by ``jax.process_index() == 0``. Orbax
-  checkpoints are collective and their replicated arrays are written by process 0 only.
-  Consequences: processes sharing one ``--workdir`` race on the ``.tmp`` rename and append
-  ``history.jsonl`` twice (a 2-process ``train_cifar`` and ``search`` both died on it); one
-  ``--workdir`` per process runs to the end (``train_cifar:tiny`` did, data parallel over both
-  processes, both reporting the same test accuracy) but only process 0's directory holds
-  checkpoints, so such a run cannot be resumed. Resumable multi-process runs need
-  process-0-only writes of those files (not done yet).
+  evaluators) runs on one local device and is simply repeated by every process. A search
+  therefore gains from ``--distributed`` only through ``ws_cnn``'s data parallelism.
+
+Checked: ``train_cifar`` with 2 processes and one ``--workdir``, stopped by ``train.max_steps``
+and rerun, resumes from its checkpoint and ends with the same test accuracy and loss (equal
+floats) as one process with the same 2 devices (``tests/test_distributed.py``); a tabular NAO ``search`` with 2 processes (also extended from a
+smaller budget) writes the same ``history.jsonl`` and ``results.json`` as one process.
+Not done: ``train_lm`` (``rnn/lm.py``) and the ``scratch_cnn`` evaluator (``cnn/standalone.py``)
+place work on ``jax.devices()[0]``, which belongs to process 0, and write their JSON files from
+every process, so they are not expected to work under ``--distributed``; the ``ws_cnn`` / ``ws_rnn``
+evaluators' supernet resume and ``evaluate_cifar`` were not run with several processes.
 """
 
 from __future__ import annotations
@@ -70,6 +76,28 @@ def initialize_distributed(coordinator_address: str | None = None,
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id)
+
+
+def is_primary() -> bool:
+  """Whether this process writes the run directory's plain files (``jax.process_index() == 0``).
+
+  Always True in a single-process run. In a multi-process run every process reads the run
+  directory (so that all take the same decisions on a resume), and only the primary writes
+  ``config.json``, ``history.jsonl``, ``results.json``, ``metrics.json``, plots and TensorBoard
+  events; Orbax checkpoints are collective (every process calls save, see ``checkpoint.py``).
+  """
+  return jax.process_index() == 0
+
+
+def sync_processes(name: str) -> None:
+  """A barrier across all processes of a multi-process run; nothing in a single-process run.
+
+  Used after every process has read a run directory and before the primary writes to it, so that
+  a slow process never reads what a fast one has already written in this run.
+  """
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
 
 
 def data_mesh(devices: Any = None) -> Mesh:

@@ -8,6 +8,8 @@ import time
 from absl import logging
 import numpy as np
 
+from nao_jax import parallel
+
 
 class Progress:
   """Logs ``done/total``, rate, ETA and extra values every ``every`` units of work."""
@@ -43,14 +45,23 @@ def _duration(seconds: float) -> str:
 
 
 class ScalarWriter:
-  """Writes TensorBoard scalar events with the ``tensorboard`` package only (no TensorFlow)."""
+  """Writes TensorBoard scalar events with the ``tensorboard`` package only (no TensorFlow).
+
+  In a multi-process run only the primary process (``parallel.is_primary()``) writes; on the
+  others the writer is a no-op (no directory, no event file).
+  """
 
   def __init__(self, logdir: str):
+    self._writer = None
+    if not parallel.is_primary():
+      return
     from tensorboard.summary.writer.event_file_writer import EventFileWriter  # pylint: disable=g-import-not-at-top
     os.makedirs(logdir, exist_ok=True)
     self._writer = EventFileWriter(logdir)
 
   def scalar(self, tag: str, value: float, step: int) -> None:
+    if self._writer is None:
+      return
     from tensorboard.compat.proto import event_pb2, summary_pb2  # pylint: disable=g-import-not-at-top
     summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag,
                                                                    simple_value=float(value))])
@@ -58,10 +69,12 @@ class ScalarWriter:
                                            summary=summary))
 
   def flush(self) -> None:
-    self._writer.flush()
+    if self._writer is not None:
+      self._writer.flush()
 
   def close(self) -> None:
-    self._writer.close()
+    if self._writer is not None:
+      self._writer.close()
 
 
 def plot_best_so_far(best: np.ndarray, path: str, score_name: str) -> None:

@@ -10,8 +10,13 @@ every process:
   ``parallel.host_batch_slice`` and ``parallel.global_batch``.
 
 The reference is the same program in one process with the same number of (fake) devices.
+
+A launcher end to end: ``experiments.train_cifar`` (tiny variant, cheap cell) in two processes
+sharing one ``--workdir`` (only process 0 writes its plain files), stopped by
+``train.max_steps``, rerun, resumed from the checkpoint, against one process with two devices.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -251,3 +256,73 @@ def test_initialize_distributed_picks_gloo_unless_chosen(monkeypatch, before, af
     jax.config.update('jax_cpu_collectives_implementation', previous)
   assert seen == [(after, {'coordinator_address': 'localhost:1', 'num_processes': 2,
                            'process_id': 0})]
+
+
+# -- a launcher with one shared run directory --------------------------------------------------------
+
+
+# train_cifar's tiny variant on a cell that compiles fast (tests/test_train_cifar.py's cheap cell),
+# 4 channels, no drop-path, 96 synthetic training images: 2 epochs of 6 steps of batch 16.
+_CHEAP_CELL = '0 2 1 3 2 4 0 2 1 3 3 2 4 4 0 3 5 0 1 4'
+_TRAIN_CIFAR = ['-m', 'experiments.train_cifar',
+                '--config=experiments/configs/naonet_a_cifar10.py:tiny', '--config.arch=',
+                f'--config.arch_string={_CHEAP_CELL} {_CHEAP_CELL}', '--config.space=cnn_ws',
+                '--config.model.channels=4', '--config.model.drop_path_keep=1.0',
+                '--config.data.synthetic_train=96', '--config.data.synthetic_test=32']
+
+
+def _distributed(port: int, i: int) -> list[str]:
+  return ['--distributed', f'--coordinator_address=localhost:{port}', '--num_processes=2',
+          f'--process_id={i}']
+
+
+def _no_stray_files(workdir, launches: int) -> None:
+  """Nothing half-written; one TensorBoard event file per launch (the primary's), not two."""
+  names = [os.path.join(root, name) for root, _, files in os.walk(workdir) for name in files]
+  assert not [n for n in names if '.tmp' in n], names
+  assert len(os.listdir(workdir / 'tb')) == launches, os.listdir(workdir / 'tb')
+
+
+def test_train_cifar_two_processes_share_a_workdir_and_resume(tmp_path):
+  """2 processes x 1 device, one ``--workdir``: stopped at step 8, rerun, resumed from step 8.
+
+  The reference is the uninterrupted command in 1 process with 2 (fake) devices, the same mesh;
+  with one device per process every all-reduce adds the same two partial sums, so the final
+  test accuracy and loss are equal floats (as in ``test_two_processes_equal_one``). About 75 s
+  on a loaded 2-core machine (three launches, four Python processes).
+  """
+  # The resumed run reads its compiled programs from the persistent cache of the stopped one.
+  env = dict(_env(1), JAX_DISABLE_MOST_OPTIMIZATIONS='true',
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  reference, shared = tmp_path / 'reference', tmp_path / 'shared'
+  start = time.monotonic()
+  _run_all([[sys.executable, *_TRAIN_CIFAR, f'--workdir={reference}']],
+           dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=2'), tmp_path)
+  reference_s = time.monotonic() - start
+
+  port = _free_port()
+  _run_all([[sys.executable, *_TRAIN_CIFAR, f'--workdir={shared}', '--config.train.max_steps=8',
+             *_distributed(port, i)] for i in range(2)], env, tmp_path)
+  stopped_s = time.monotonic() - start - reference_s
+  assert sorted(os.listdir(shared / 'checkpoints')) == ['6', '8']
+  assert not (shared / 'metrics.json').exists()
+  _no_stray_files(shared, launches=1)
+
+  port = _free_port()
+  outputs = _run_all([[sys.executable, *_TRAIN_CIFAR, f'--workdir={shared}',
+                       *_distributed(port, i)] for i in range(2)], env, tmp_path)
+  print(f'reference {reference_s:.1f} s, two processes to step 8 {stopped_s:.1f} s, resumed '
+        f'{time.monotonic() - start - reference_s - stopped_s:.1f} s')
+  for out in outputs:
+    assert f'resuming {shared} from step 8 ' in out, out[-4000:]
+    assert 'finished: test accuracy' in out
+  _no_stray_files(shared, launches=2)
+  with open(shared / 'metrics.json', encoding='utf-8') as f:
+    got = json.load(f)
+  with open(reference / 'metrics.json', encoding='utf-8') as f:
+    expected = json.load(f)
+  assert got['finished'] and got['step'] == expected['step'] == 12
+  for key in ('test_accuracy', 'test_loss', 'test_count', 'params', 'arch'):
+    assert got[key] == expected[key], key
+  assert (shared / 'config.json').read_text() == (reference / 'config.json').read_text()

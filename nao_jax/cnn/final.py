@@ -21,6 +21,10 @@ The run directory::
     metrics.json       final metrics (written once training has finished)
     eval_<step>.json   written by ``evaluate_checkpoint``
 
+In a multi-process run (``--distributed``) all processes share the run directory: every process
+reads it (``config.json``, the checkpoints, ``metrics.json``) and calls the collective Orbax
+saves; only the primary process (``parallel.is_primary()``) writes the plain files above.
+
 Resume is exact: the training batch of step ``s`` is a pure function of ``(seed, s)`` (an epoch
 permutation drawn from ``(seed, epoch)``, then position ``s mod steps_per_epoch`` in it), the
 augmentation and drop-path keys are ``fold_in(rng, s)``, and a checkpoint holds everything else,
@@ -57,6 +61,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from nao_jax import parallel
 from nao_jax import spaces
 from nao_jax.checkpoint import RunCheckpointer
 from nao_jax.cnn import network as network_lib
@@ -695,7 +700,9 @@ def _restore(checkpointer: RunCheckpointer, step: int, program: Program,
   # A concrete key tells the checkpointer to rebuild a typed key from the stored key data.
   template = abstract._replace(rng=jax.random.key(seed))
   state, meta = checkpointer.restore(step, template)
-  return jax.device_put(state, rep), meta
+  # parallel.replicate: in a multi-process run, device_put refuses the restored (host-local) key
+  # for a sharding over other processes' devices; it moves the key data instead.
+  return parallel.replicate(state, program.placement.mesh), meta
 
 
 # -- training -------------------------------------------------------------------------------------
@@ -725,7 +732,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   cfg = resolve_config(config)
   check_data(cfg)
   os.makedirs(workdir, exist_ok=True)
-  _check_workdir_config(workdir, cfg, write=True)
+  _check_workdir_config(workdir, cfg, write=parallel.is_primary())
   start_time = time.time()
 
   # -- data: loaded once into host memory -------------------------------------------------------
@@ -741,6 +748,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   # -- state: own checkpoint, else fresh from the seed ------------------------------------------
   checkpointer = RunCheckpointer(workdir, max_to_keep=cfg.keep_checkpoints)
   latest = checkpointer.latest_step()
+  # Every process has seen the checkpoints (and, below, metrics.json) before the primary writes.
+  parallel.sync_processes('train_and_evaluate: run directory read')
   wall_before = 0.0
   if latest is not None:
     state, meta = _restore(checkpointer, latest, program, cfg.seed)
@@ -874,7 +883,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       'arch': space.format(arch), 'arch_name': cfg.arch, 'space': space.name,
       'config': cfg.to_dict(),
   }
-  if metrics['finished']:
+  if metrics['finished'] and parallel.is_primary():
     _write_json(os.path.join(workdir, 'metrics.json'), metrics)
   logging.info('%s: %s accuracy %.4f (error %.2f %%) after %d steps', workdir, split,
                result['accuracy'], 100 * result['error'], step)
@@ -938,7 +947,8 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict[s
              f'{split}_loss': result['loss'], f'{split}_count': result['count'],
              'eval_split': split, 'step': step, 'epochs': step / meta['steps_per_epoch'],
              'arch': space.format(arch), 'space': space.name}
-  _write_json(os.path.join(workdir, f'eval_{step}.json'), metrics)
+  if parallel.is_primary():
+    _write_json(os.path.join(workdir, f'eval_{step}.json'), metrics)
   logging.info('%s step %d: %s accuracy %.4f', workdir, step, split, result['accuracy'])
   return metrics
 

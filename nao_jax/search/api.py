@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 from absl import logging
 
-from nao_jax import spaces, viz
+from nao_jax import parallel, spaces, viz
 from nao_jax.controller import ControllerConfig
 from nao_jax.data import nb201 as nb201_data
 from nao_jax.search import baselines
@@ -98,7 +98,8 @@ def run_search(config, workdir: str, evaluator: Evaluator | None = None) -> dict
     else:
       rounds = baselines.regularized_evolution(run, seed, **evolution)
     extra = {'searcher': searcher}
-    if run.best_record is not None and config.get('draw', True):
+    # Drawings are files of the run directory: the primary process makes them.
+    if run.best_record is not None and config.get('draw', True) and parallel.is_primary():
       extra['drawings'] = [os.path.relpath(p, workdir) for p in viz.draw_arch(
           run.space, run.space.parse(run.best_record['arch']), workdir, name='best_arch')]
     results = run.write_results(rounds, finished=True, extra=extra)

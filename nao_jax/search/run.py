@@ -13,6 +13,10 @@ architecture is evaluated at most once per run, ever: answers come from the hist
 them, including after a restart, so rerunning a killed command replays the deterministic search
 up to where it stopped without paying for any evaluation twice, and continues from there.
 A query is one evaluated, previously unseen architecture (by canonical key).
+
+Multi-process runs (``--distributed``) share one run directory: every process reads it (config,
+history, results), so that all replay a resumed search the same way, and keeps the same history
+in memory; only the primary process (``parallel.is_primary()``) writes the files above.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Sequence
 from absl import logging
 import numpy as np
 
+from nao_jax import parallel
 from nao_jax.search.evaluators import Evaluator
 from nao_jax.search.history import History, write_json_atomic
 from nao_jax.progress import Progress, ScalarWriter, plot_best_so_far
@@ -66,6 +71,8 @@ class SearchRun:
     self.best_record = None
     self._start = time.time()
     self._wall_before = self._previous_wall()
+    # Every process has read the directory before the primary appends to it.
+    parallel.sync_processes('SearchRun: run directory read')
     self.writer = ScalarWriter(os.path.join(workdir, 'tb'))
     self.progress = Progress(total=budget, what='queries', every=config.get('log_every', 10))
     if self._recorded:
@@ -84,7 +91,8 @@ class SearchRun:
       if diff:
         raise ValueError(f'{self.workdir} holds a run with a different config ({"; ".join(diff)});'
                          f' use a new --workdir or the original config')
-    write_json_atomic(path, current)
+    if parallel.is_primary():
+      write_json_atomic(path, current)
 
   def _previous_wall(self) -> float:
     path = os.path.join(self.workdir, 'results.json')
@@ -250,7 +258,10 @@ class SearchRun:
     return np.maximum.accumulate(scores)
 
   def write_results(self, rounds: int, finished: bool, extra: dict | None = None) -> dict:
-    """Writes ``results.json`` (atomically) and the best-so-far plot; returns the results."""
+    """Writes ``results.json`` (atomically) and the best-so-far plot; returns the results.
+
+    In a multi-process run only the primary process writes; every process returns the results.
+    """
     best = self.best_record
     results = {
         'best_arch': best['arch'] if best else None,
@@ -266,6 +277,8 @@ class SearchRun:
         'config': self.config,
     }
     results.update(extra or {})
+    if not parallel.is_primary():
+      return results
     write_json_atomic(os.path.join(self.workdir, 'results.json'), results)
     if self.evaluator.stationary and self.queries:
       plot_best_so_far(self.best_so_far(), os.path.join(self.workdir, 'best_so_far.png'),
