@@ -33,6 +33,9 @@ def main() -> None:
   parser.add_argument('--warmup', type=int, default=1, help='untimed steps after compilation')
   parser.add_argument('--onednn', action=argparse.BooleanOptionalAction, default=False,
                       help='run XLA:CPU convolutions/matmuls through oneDNN')
+  parser.add_argument('--primitives', default='auto', choices=('library', 'shifts', 'auto'),
+                      help="NetworkConfig.primitives: 'shifts' = depthwise convs as shifted "
+                      'multiply-adds')
   args = parser.parse_args()
   if args.onednn:
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_use_onednn=true')
@@ -47,7 +50,8 @@ def main() -> None:
   load_before = os.getloadavg()[0]
   space, arch = spaces.get_builtin(args.arch)
   config = network_lib.NetworkConfig(layers=args.layers, channels=args.channels,
-                                     use_aux_head=True, drop_path_keep=0.8, dropout_keep=0.6)
+                                     use_aux_head=True, drop_path_keep=0.8, dropout_keep=0.6,
+                                     primitives=args.primitives)
   network = network_lib.FixedNetwork(space, arch, config)
   optimizer = train_lib.make_optimizer(0.025, weight_decay=3e-4)
   state = train_lib.create_train_state(network, optimizer, jax.random.key(0))
@@ -84,7 +88,7 @@ def main() -> None:
       # per image say how much work a step is, whatever the load.
       'img_per_cpu_s': round(args.batch / step_cpu_s, 2), 'loss': float(metrics['loss']),
       'load_avg_before': round(load_before, 2), 'load_avg_after': round(os.getloadavg()[0], 2),
-      'cpus': os.cpu_count(), 'onednn': args.onednn,
+      'cpus': os.cpu_count(), 'onednn': args.onednn, 'primitives': args.primitives,
   }
   print(json.dumps(result))
 

@@ -258,6 +258,31 @@ def test_forward_shapes_with_aux_head():
   jax.tree.map(np.testing.assert_array_equal, same, stats)
 
 
+def test_shift_depthwise_primitives_equal_the_library_in_value_and_gradient():
+  space, arch = spaces.get_builtin('NAONet-WS')   # sep convs in both cells
+  nets = {p: nw.FixedNetwork(space, arch, nw.NetworkConfig(
+      layers=1, channels=4, use_aux_head=False, drop_path_keep=1.0, dropout_keep=1.0,
+      primitives=p)) for p in ('library', 'shifts')}
+  params, stats = jax.jit(nets['library'].init)(jax.random.key(0))
+  images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+
+  def loss(p, net):
+    # Inference-mode BN: with batch statistics over 2 images, float rounding near ReLU kinks
+    # is amplified into gradients that differ between any two orders of summation.
+    logits, _, _ = net.apply(p, stats, images, train=False)
+    return jnp.sum(logits ** 2)
+
+  values = {k: jax.jit(jax.value_and_grad(functools.partial(loss, net=n)))(params)
+            for k, n in nets.items()}
+  np.testing.assert_allclose(values['shifts'][0], values['library'][0], rtol=1e-5)
+  def close(a, b):  # float32 rounding, relative to the leaf's largest gradient
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(b).max())))
+
+  jax.tree.map(close, values['shifts'][1], values['library'][1])
+  with pytest.raises(ValueError, match='primitives'):
+    nw.FixedNetwork(space, arch, nw.NetworkConfig(primitives='fast'))
+
+
 def test_optimizer_is_pt_sgd_with_coupled_decay_after_clipping():
   opt = train_lib.make_optimizer(0.1, weight_decay=0.01, clip_norm=1.0)
   w = {'w': jnp.array([1.0, -2.0])}

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from nao_jax.cnn import cpu_ops
 from nao_jax.cnn import ops
 from nao_jax.spaces import loose_ends
 from nao_jax.spaces.base import SearchSpace
@@ -63,6 +64,9 @@ class NetworkConfig:
       on the output of the second reduction cell (PT ``aux_head_index = 2N + 1``).
     merge_convs: run ReLU-Conv-BN branches that read the same state with the same kernel and
       stride as one wider conv (same function, faster on CPU; see ``merge_groups``).
+    primitives: ``'library'`` (the op library as is), ``'shifts'`` (separable convs with
+      ``cpu_ops.depthwise_conv``, k*k shifted multiply-adds: XLA:CPU runs grouped convolutions
+      far slower; same function) or ``'auto'`` (``'shifts'`` on CPU, ``'library'`` elsewhere).
   """
   layers: int = 6
   channels: int = 36
@@ -76,6 +80,7 @@ class NetworkConfig:
   avg_pool_exclude_pad: bool = False
   aux_head_tf_position: bool = False
   merge_convs: bool = True
+  primitives: str = 'auto'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +152,13 @@ class FixedNetwork:
     self.arch = space.validate(arch)
     self.config = config
     self.ops = ops.op_table(space.ops, config.avg_pool_exclude_pad)
+    primitives = config.primitives
+    if primitives == 'auto':
+      primitives = 'shifts' if jax.default_backend() == 'cpu' else 'library'
+    if primitives not in ('library', 'shifts'):
+      raise ValueError(f"primitives must be 'library', 'shifts' or 'auto', got {primitives!r}")
+    if primitives == 'shifts':
+      self.ops = cpu_ops.fast_op_table(self.ops)
     self.num_cells = 3 * config.layers + 2
     self.reduction_indices = (config.layers, 2 * config.layers + 1)
     self.aux_head_index = self.reduction_indices[1] + int(config.aux_head_tf_position)
