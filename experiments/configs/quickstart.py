@@ -26,6 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg == 'tiny':
     nao_ws_cifar10.shrink_to_toy(config)
     config.data.update(source='digits', image_size=8, num_dev=100, train_subset=200)
+    config.nao.rerank_top = 1   # one stand-alone compile: the notebook test stays short
     return config
   config.budget = 48            # 24 seed archs + 3 rounds x 8 new
   config.log_every = 8
