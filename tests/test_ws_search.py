@@ -37,6 +37,7 @@ def test_ws_cnn_search_killed_mid_search_resumes_to_the_uninterrupted_result(tmp
   history = read_history(tmp_path / 'straight')
   assert {r.get('kind') for r in history} >= {'rerank'}
   assert straight['best_arch'] == next(r['arch'] for r in history if r.get('kind') == 'rerank')
+  assert straight['score_name'] == 'standalone_valid_accuracy'
   assert os.path.exists(tmp_path / 'straight' / 'best_arch_normal.svg')
 
   # A crash in the middle of round 1's supernet training (after a mid-round checkpoint) ...

@@ -468,6 +468,8 @@ class WsCnnEvaluator(SupernetEvaluator):
     mesh: data parallelism over a ``'data'`` axis (see ``SupernetEvaluator``), or None.
   """
 
+  rerank_score_name = 'standalone_valid_accuracy'
+
   def __init__(self, config: WsEvaluatorConfig, data: SearchData, workdir: str | None, *,
                rerank_config: standalone.StandaloneConfig = standalone.StandaloneConfig(),
                checkpoint_every: int = 0, mesh: jax.sharding.Mesh | None = None):

@@ -266,7 +266,9 @@ class SearchRun:
     results = {
         'best_arch': best['arch'] if best else None,
         'best_score': best['score'] if best else None,
-        'score_name': self.evaluator.score_name,
+        # After a re-ranking the result is the finalists' stand-alone score, not the supernet's.
+        'score_name': (getattr(self.evaluator, 'rerank_score_name', 'rerank_score')
+                       if best and best.get('kind') == 'rerank' else self.evaluator.score_name),
         'higher_is_better': self.evaluator.higher_is_better,
         'queries': self.queries,
         'budget': self.budget,
