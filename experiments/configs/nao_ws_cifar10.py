@@ -1,4 +1,4 @@
-"""NAO-WS on CIFAR-10: the weight-sharing CNN search of PT-V1 (spec §4.2, §4.3, §5.1, §5.2, §11.4).
+"""NAO-WS on CIFAR-10: the weight-sharing CNN search of PT-V1 (spec §4.2-§4.3, §5.1-§5.2, §11.4).
 
   python -m experiments.search --config=experiments/configs/nao_ws_cifar10.py \
       --workdir=runs/nao_ws_cifar10                         # CIFAR-10 from $NAO_DATA_DIR or tfds

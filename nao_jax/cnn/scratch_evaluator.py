@@ -73,11 +73,9 @@ class ScratchEvaluator:
     self.workdir = workdir
     self.seed = seed
     self.devices = list(devices or jax.local_devices())
-    self._trained = 0
 
   def _train_one(self, arch: np.ndarray, device: jax.Device) -> dict[str, Any]:
     root = None if self.workdir is None else os.path.join(self.workdir, 'candidates')
-    self._trained += 1
     result = standalone.train_candidate(
         self.space, arch, self.config, self.data,
         standalone.candidate_dir(root, self.space, arch), seed=self.seed, device=device,

@@ -361,7 +361,8 @@ def train_candidate(space: SearchSpace, arch: np.ndarray, cfg: StandaloneConfig,
       return
     checkpointer.save(step, state, {
         'step': step, 'steps_per_epoch': spe, 'num_train': len(data.x_train), 'evals': evals,
-        'train_loss': losses[-1] if losses else None, 'wall_s': wall_before + time.time() - started})
+        'train_loss': losses[-1] if losses else None,
+        'wall_s': wall_before + time.time() - started})
 
   pending: list[dict[str, jax.Array]] = []
 

@@ -428,7 +428,7 @@ class SupernetEvaluator:
 __all__ = ['WsEvaluatorConfig', 'SupernetEvaluator', 'SCORE_BATCHES']
 
 
-# -- the search's evaluator: run directory, resume, re-ranking ----------------------------------------
+# -- the search's evaluator: run directory, resume, re-ranking ------------------------------------
 
 # Scalar keys of the ``ws_cnn`` config section that go straight into ``WsEvaluatorConfig``.
 _WS_SCALAR_KEYS = ('epochs_per_round', 'restart_schedule_each_round', 'sample_policy',

@@ -44,7 +44,8 @@ def load_digits(image_size: int = 16, num_test: int = DEFAULT_NUM_TEST, seed: in
     raise ValueError(f'digits image_size must be a positive multiple of 8, got {image_size}')
   if not 0 < num_test < NUM_IMAGES:
     raise ValueError(f'digits num_test must be in (0, {NUM_IMAGES}), got {num_test}')
-  from sklearn import datasets  # pylint: disable=import-outside-toplevel  (only this source needs it)
+  # Imported here: only this data source needs scikit-learn.
+  from sklearn import datasets  # pylint: disable=import-outside-toplevel
   digits = datasets.load_digits()
   images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)   # [1797, 8, 8]
   factor = image_size // 8
