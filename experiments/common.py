@@ -31,6 +31,7 @@ from absl import logging
 import jax
 
 from nao_jax import parallel
+from nao_jax import preemption
 
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Multi-process run: calls jax.distributed.initialize before any device '
@@ -47,6 +48,8 @@ _PROCESS_ID = flags.DEFINE_integer(
 
 # What the library raises for bad input: these become one line, everything else a traceback.
 INPUT_ERRORS = (ValueError, FileNotFoundError, ImportError)
+# Exit status after a preemption notice was honoured (checkpoint saved): 128 + SIGTERM.
+PREEMPTED_EXIT_STATUS = 143
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -81,7 +84,9 @@ def setup(argv: list[str]) -> None:
   """Refuses positional arguments; absl logging (progress lines) to stdout, Orbax INFO muted.
 
   With ``--distributed`` it joins the multi-process run (``parallel.initialize_distributed``),
-  which must happen before anything touches a device: call ``setup`` first in ``main``.
+  which must happen before anything touches a device: call ``setup`` first in ``main``. SIGTERM
+  becomes a preemption notice (``preemption.install``): training loops checkpoint the current
+  step and stop with ``preemption.Preempted``, which ``one_line_errors`` reports.
   """
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments: {" ".join(argv[1:])}')
@@ -106,13 +111,22 @@ def setup(argv: list[str]) -> None:
       sys.exit(f'error: --distributed: {lines[0]}')
     logging.info('process %d of %d, %d local / %d global devices', jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
+  preemption.install()  # after jax.distributed: under JAX's preemption service, a no-op
 
 
 @contextlib.contextmanager
 def one_line_errors(*extra: type[BaseException]) -> Iterator[None]:
-  """Turns ``INPUT_ERRORS`` (and ``extra``) into ``error: <first line>`` and exit status 1."""
+  """Turns ``INPUT_ERRORS`` (and ``extra``) into ``error: <first line>`` and exit status 1.
+
+  ``preemption.Preempted`` becomes ``preempted at step N: checkpoint saved; rerun the same
+  command to resume`` on stderr and exit status 143 (128 + SIGTERM, as a process killed by it).
+  """
   try:
     yield
+  except preemption.Preempted as e:
+    sys.stdout.flush()
+    print(str(e), file=sys.stderr, flush=True)
+    sys.exit(PREEMPTED_EXIT_STATUS)
   except INPUT_ERRORS + tuple(extra) as e:
     lines = str(e).strip().splitlines() or [type(e).__name__]
     sys.exit(f'error: {lines[0]}')

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import chex
 import jax
@@ -292,3 +294,60 @@ def test_tiny_nao_ws_ptb_search_end_to_end(corpus_dir, tmp_path):
   assert sorted({r['round'] for r in scores}) == [0, 1, 2]
   assert min(r['score'] for r in scores if r['round'] == 2) == results['best_score']
   assert (tmp_path / 'supernet').is_dir() and results['drawings']
+
+
+# -- a preemption notice --------------------------------------------------------------------------
+
+
+def test_sigterm_mid_epoch_checkpoints_the_window_and_rerun_equals_uninterrupted(corpus_dir,
+                                                                                 tmp_path):
+  """SIGTERM train_lm mid-epoch: a checkpoint of the window reached, one line, exit 143."""
+  config = lm_config(corpus_dir, epochs=2)
+  whole = lm.train_and_evaluate(config, str(tmp_path / 'whole'))
+  preempted = tmp_path / 'preempted'
+  started = tmp_path / 'started'
+  config_file = tmp_path / 'tiny_slow.py'
+  # From its 4th window on, the launcher's process sleeps 0.3 s per window (and says so with a
+  # file), so the notice lands mid-epoch.
+  config_file.write_text(
+      'import os, sys, time\n'
+      f'sys.path.insert(0, {os.path.join(ROOT, "tests")!r})\n'
+      'from test_lm import lm_config\n'
+      'from nao_jax.data import text\n'
+      'get_batch, calls = text.get_batch, []\n'
+      'def slow_get_batch(*args):\n'
+      '  calls.append(1)\n'
+      '  if len(calls) >= 4:\n'
+      f'    open({str(started)!r}, "w").close()\n'
+      '    time.sleep(0.3)\n'
+      '  return get_batch(*args)\n'
+      'text.get_batch = slow_get_batch\n'
+      f'def get_config():\n  return lm_config({corpus_dir!r}, epochs=2)\n')
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'experiments.train_lm', f'--config={config_file}',
+       f'--workdir={preempted}'], cwd=ROOT,
+      env=dict(os.environ, JAX_PLATFORMS='cpu', JAX_DISABLE_MOST_OPTIMIZATIONS='true'),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 120
+  while not started.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 143, err[-2000:]
+  last = err.strip().splitlines()[-1]
+  step = int(last.split()[3].rstrip(':'))
+  assert last == (f'preempted at step {step}: checkpoint saved; rerun the same command to '
+                  'resume'), err[-2000:]
+  checkpointer = RunCheckpointer(str(preempted))
+  assert checkpointer.latest_step() == step
+  meta = checkpointer.restore_meta(step)
+  checkpointer.close()
+  assert (meta['epoch'], meta['window']) == (0, step) and step >= 3  # mid-epoch
+  assert not (preempted / 'metrics.json').exists()
+  resumed = lm.train_and_evaluate(config, str(preempted))  # the rerun, in this process
+  assert comparable(resumed) == comparable(whole)
+  for subdir in ('checkpoints', 'best'):
+    step_a, a = restore(str(tmp_path / 'whole'), subdir)
+    step_b, b = restore(str(preempted), subdir)
+    assert step_a == step_b
+    chex.assert_trees_all_equal(a, b)

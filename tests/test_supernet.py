@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nao_jax import preemption
 from nao_jax.cnn import cpu_ops
 from nao_jax.cnn import network as nw
 from nao_jax.cnn import ops
@@ -333,6 +334,26 @@ def _evaluator(checkpoint_callback=None, checkpoint_every=0):
   return ws_evaluator.SupernetEvaluator(cfg, x[:n], y[:n], x[n:], y[n:],
                                         checkpoint_callback=checkpoint_callback,
                                         checkpoint_every=checkpoint_every)
+
+
+def test_a_preemption_notice_checkpoints_the_step_and_stops_the_round():
+  pool = WS_SPACE.sample(np.random.default_rng(1), 3)
+  snapshots = {}
+  evaluator = _evaluator(lambda: snapshots.setdefault(int(evaluator.state.step),
+                                                      evaluator.state_dict()))
+  preemption.request()  # as a SIGTERM would
+  try:
+    with pytest.raises(preemption.Preempted) as stopped:
+      evaluator.start_round(pool, 0)  # 2 steps: stops after the first, checkpointed
+  finally:
+    preemption.reset()
+  assert stopped.value.step == 1 and list(snapshots) == [1]
+  arrays, meta = snapshots[1]
+  assert meta['round'] == 0 and not meta['round_done']
+  resumed = _evaluator()
+  resumed.load_state_dict(arrays, meta)
+  resumed.start_round(pool, 0)  # the rerun trains the remaining step
+  assert int(resumed.state.step) == 2 and resumed.state_dict()[1]['round_done']
 
 
 def test_evaluator_rounds_scores_and_resume():

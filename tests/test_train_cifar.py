@@ -304,3 +304,53 @@ def test_sigkill_and_rerun_equals_uninterrupted(straight_run, tmp_path):
   assert again['test_accuracy'] == metrics['test_accuracy']
   assert again['test_loss'] == metrics['test_loss']
   assert_trees_equal(restore_params(workdir)[0], restore_params(killed)[0])
+
+
+# -- a preemption notice --------------------------------------------------------------------------
+
+
+def test_sigterm_checkpoints_the_step_and_rerun_equals_uninterrupted(straight_run, tmp_path):
+  """SIGTERM the launcher mid-epoch: it checkpoints the step it reached, says so, exits 143."""
+  workdir, metrics = straight_run
+  preempted = str(tmp_path / 'preempted')
+  env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS='true')
+  config_file = tmp_path / 'tiny_slow.py'
+  # Steps after the first checkpoint (step 4) sleep 0.3 s in the launcher's process, so the
+  # notice lands mid-run instead of after the 12 steps of the tiny run have finished.
+  config_file.write_text(
+      'import sys, time\n'
+      f'sys.path.insert(0, {os.path.join(REPO, "tests")!r})\n'
+      'from test_train_cifar import tiny_config\n'
+      'from nao_jax.cnn import final\n'
+      'indices = final.EpochBatcher.indices\n'
+      'def slow_indices(self, step):\n'
+      '  if step >= 4:\n'
+      '    time.sleep(0.3)\n'
+      '  return indices(self, step)\n'
+      'final.EpochBatcher.indices = slow_indices\n'
+      'def get_config():\n  return tiny_config()\n')
+  proc = _launch('-m', 'experiments.train_cifar', f'--config={config_file}',
+                 f'--workdir={preempted}', env=env)
+  first = os.path.join(preempted, 'checkpoints', '4')
+  deadline = time.time() + 120
+  while not os.path.isdir(first) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 143, err[-2000:]
+  last = err.strip().splitlines()[-1]
+  step = int(last.split()[3].rstrip(':'))
+  assert last == (f'preempted at step {step}: checkpoint saved; rerun the same command to '
+                  'resume'), err[-2000:]
+  assert 4 < step < STEPS_PER_EPOCH * EPOCHS
+  checkpointer = RunCheckpointer(preempted)
+  assert checkpointer.latest_step() == step
+  checkpointer.close()
+  assert not os.path.exists(os.path.join(preempted, 'metrics.json'))
+  # The rerun (in this process: the compiled step is shared) resumes there and ends as the
+  # uninterrupted run.
+  again = final.train_and_evaluate(tiny_config(), preempted)
+  assert again['finished']
+  assert again['test_accuracy'] == metrics['test_accuracy']
+  assert again['test_loss'] == metrics['test_loss']
+  assert_trees_equal(restore_params(workdir)[0], restore_params(preempted)[0])

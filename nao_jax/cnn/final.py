@@ -62,6 +62,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from nao_jax import parallel
+from nao_jax import preemption
 from nao_jax import spaces
 from nao_jax.checkpoint import RunCheckpointer
 from nao_jax.cnn import network as network_lib
@@ -841,27 +842,35 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   # -- train --------------------------------------------------------------------------------------
   try:
-    for step in range(latest, stop):
-      rows = batcher.indices(step)
-      images, labels = global_batch(program.placement, data.x_train[rows], data.y_train[rows])
-      state, metrics = program.train_step(state, images, labels)
-      pending.append((step, metrics))
-      if window['start'] is None:  # the first step of this process compiles: not timed
-        restart_window(metrics)
-      else:
-        window['steps'] += 1
-      done = step + 1
-      epoch_end = done % spe == 0
-      do_eval = epoch_end and (done // spe) % cfg.eval_every_epochs == 0 and done < stop
-      do_save = done % ckpt_every == 0 or done == stop
-      if done % cfg.log_every_steps == 0 or do_eval or do_save or done == stop:
-        flush(done)
-      if do_eval:
-        run_eval(done, state)
-      if do_save:
-        save(done, state)
-      if do_eval or do_save:
-        restart_window()
+    with preemption.watching():  # SIGTERM sets a flag checked after every step
+      for step in range(latest, stop):
+        rows = batcher.indices(step)
+        images, labels = global_batch(program.placement, data.x_train[rows], data.y_train[rows])
+        state, metrics = program.train_step(state, images, labels)
+        pending.append((step, metrics))
+        if window['start'] is None:  # the first step of this process compiles: not timed
+          restart_window(metrics)
+        else:
+          window['steps'] += 1
+        done = step + 1
+        epoch_end = done % spe == 0
+        do_eval = epoch_end and (done // spe) % cfg.eval_every_epochs == 0 and done < stop
+        do_save = done % ckpt_every == 0 or done == stop
+        if done % cfg.log_every_steps == 0 or do_eval or do_save or done == stop:
+          flush(done)
+        if do_eval:
+          run_eval(done, state)
+        if do_save:
+          save(done, state)
+        if do_eval or do_save:
+          restart_window()
+        # A preemption notice (SIGTERM): checkpoint this step, stop; a rerun resumes here.
+        if done < stop and preemption.requested(done):
+          flush(done)
+          if last_saved != done:
+            save(done, state)
+          logging.info('preemption notice: checkpointed step %d, stopping', done)
+          raise preemption.Preempted(done)
     flush(stop)
 
     # -- final evaluation and metrics.json ------------------------------------------------------

@@ -35,6 +35,7 @@ steps.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -50,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from nao_jax import preemption
 from nao_jax.checkpoint import RunCheckpointer
 from nao_jax.cnn import standalone
 from nao_jax.cnn import supernet as supernet_lib
@@ -272,17 +274,28 @@ class SupernetEvaluator:
     if arch_indices is None and num_steps > 0:
       probs = self.sampling_probabilities(pool_archs) if probs is None else probs
     metrics, done_list = None, []
-    for _ in range(num_steps):
-      step = int(self.state.step)
-      arch_index = (self._arch_index(step, probs) if arch_indices is None
-                    else int(arch_indices[len(done_list)]))
-      done_list.append(arch_index)
-      metrics = self._step(pool_archs[arch_index], step)
-      done = step + 1
-      if self.config.log_every and done % self.config.log_every == 0:
-        self._log(metrics, done, arch_index)
-      if self.checkpoint_every and self.checkpoint_callback and done % self.checkpoint_every == 0:
-        self.checkpoint_callback()
+    # With a checkpoint callback, a preemption notice (SIGTERM) checkpoints the step reached
+    # (any step is a resumable position) and stops with ``preemption.Preempted``.
+    watch = (preemption.watching() if self.checkpoint_callback is not None
+             else contextlib.nullcontext())
+    with watch:
+      for _ in range(num_steps):
+        step = int(self.state.step)
+        arch_index = (self._arch_index(step, probs) if arch_indices is None
+                      else int(arch_indices[len(done_list)]))
+        done_list.append(arch_index)
+        metrics = self._step(pool_archs[arch_index], step)
+        done = step + 1
+        if self.config.log_every and done % self.config.log_every == 0:
+          self._log(metrics, done, arch_index)
+        saved = bool(self.checkpoint_every and self.checkpoint_callback
+                     and done % self.checkpoint_every == 0)
+        if saved:
+          self.checkpoint_callback()
+        if self.checkpoint_callback is not None and preemption.requested(done):
+          if not saved:
+            self.checkpoint_callback()
+          raise preemption.Preempted(done)
     if metrics is not None:
       self._log(metrics, int(self.state.step), None)
     return self.last_metrics

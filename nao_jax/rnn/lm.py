@@ -62,6 +62,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from nao_jax import preemption
 from nao_jax import spaces
 from nao_jax.checkpoint import RunCheckpointer
 from nao_jax.data import text
@@ -615,22 +616,33 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         at_stop = max_steps and meta['step'] >= max_steps
         if meta['step'] % cfg.log_every_steps == 0 or at_ckpt or at_stop:
           flush(pending, meta, len(windows))
-        if at_ckpt or (at_stop and w + 1 < len(windows)):
+        saved = at_ckpt or (at_stop and w + 1 < len(windows))
+        if saved:
           save(checkpointer, state, meta)
           restart_clock()
+        # A preemption notice (SIGTERM) mid-epoch: the mid-epoch checkpoint above (window and
+        # carried hidden state), then stop; at the epoch's last window, after the epoch end.
+        if w + 1 < len(windows) and not at_stop and preemption.requested(meta['step']):
+          flush(pending, meta, len(windows))
+          if not saved:
+            save(checkpointer, state, meta)
+          raise preemption.Preempted(meta['step'])
       flush(pending, meta, len(windows))
       if meta['window'] < len(windows):  # max_steps reached inside the epoch
         return state, meta
-      state, meta = run_epoch_end(state, meta)
+      state, meta = run_epoch_end(state, meta)  # checkpoints the epoch end
       if max_steps and meta['step'] >= max_steps:
         return state, meta
+      if meta['epoch'] < epochs and preemption.requested(meta['step']):
+        raise preemption.Preempted(meta['step'])
     return state, meta
 
   # -- train, rolling back on divergence ---------------------------------------------------------
   try:
     while True:
       try:
-        state, meta = train_until_done(state, meta)
+        with preemption.watching():  # SIGTERM sets a flag checked after every step
+          state, meta = train_until_done(state, meta)
         break
       except _Diverged as e:
         rollbacks = meta['rollbacks'] + 1
