@@ -61,6 +61,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from nao_jax.config_utils import check_choice, merge_sections
 from nao_jax import parallel
 from nao_jax import preemption
 from nao_jax import spaces
@@ -173,16 +174,16 @@ def resolve_config(config) -> ml_collections.FrozenConfigDict:
     ValueError: an unknown key, a value out of range, an unknown or malformed architecture.
   """
   values = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
-  merged = _merge(default_config().to_dict(), values, '')
+  merged = merge_sections(default_config().to_dict(), values, '')
   cfg = ml_collections.FrozenConfigDict(merged)
-  _check_choice('data.name', cfg.data.name, tuple(cifar.NUM_CLASSES))
-  _check_choice('data.source', cfg.data.source, SOURCES)
-  _check_choice('data.split', cfg.data.split, SPLITS)
-  _check_choice('data.normalization', cfg.data.normalization, augment.NORMALIZATIONS)
-  _check_choice('data.mean_std_stats', cfg.data.mean_std_stats, MEAN_STD_STATS)
-  _check_choice('data.cutout_style', cfg.data.cutout_style, augment.CUTOUT_STYLES)
-  _check_choice('train.lr_schedule', cfg.train.lr_schedule, LR_SCHEDULES)
-  _check_choice('train.l2_form', cfg.train.l2_form, L2_FORMS)
+  check_choice('data.name', cfg.data.name, tuple(cifar.NUM_CLASSES))
+  check_choice('data.source', cfg.data.source, SOURCES)
+  check_choice('data.split', cfg.data.split, SPLITS)
+  check_choice('data.normalization', cfg.data.normalization, augment.NORMALIZATIONS)
+  check_choice('data.mean_std_stats', cfg.data.mean_std_stats, MEAN_STD_STATS)
+  check_choice('data.cutout_style', cfg.data.cutout_style, augment.CUTOUT_STYLES)
+  check_choice('train.lr_schedule', cfg.train.lr_schedule, LR_SCHEDULES)
+  check_choice('train.l2_form', cfg.train.l2_form, L2_FORMS)
   for name, value, low in (('train.epochs', cfg.train.epochs, 1),
                            ('train.batch_size', cfg.train.batch_size, 1),
                            ('train.eval_batch_size', cfg.train.eval_batch_size, 1),
@@ -211,27 +212,6 @@ def resolve_config(config) -> ml_collections.FrozenConfigDict:
                        'devices the batch is split over')
   build_arch(cfg)
   return cfg
-
-
-def _merge(defaults: dict, values: dict, prefix: str) -> dict:
-  unknown = sorted(set(values) - set(defaults))
-  if unknown:
-    raise ValueError(f'unknown config key {prefix}{unknown[0]}; known at this level: '
-                     f'{", ".join(sorted(defaults))}')
-  merged = dict(defaults)
-  for key, value in values.items():
-    if isinstance(defaults[key], dict):
-      if not isinstance(value, dict):
-        raise ValueError(f'config key {prefix}{key} must be a section, got {value!r}')
-      merged[key] = _merge(defaults[key], value, f'{prefix}{key}.')
-    else:
-      merged[key] = value
-  return merged
-
-
-def _check_choice(name: str, value, choices) -> None:
-  if value not in choices:
-    raise ValueError(f'{name} = {value!r}; choose one of {", ".join(map(str, choices))}')
 
 
 def build_arch(cfg) -> tuple[spaces.SearchSpace, np.ndarray]:

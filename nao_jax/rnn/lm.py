@@ -62,6 +62,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from nao_jax.config_utils import check_choice, merge_sections
 from nao_jax import preemption
 from nao_jax import spaces
 from nao_jax.checkpoint import RunCheckpointer
@@ -161,11 +162,11 @@ def resolve_config(config) -> ml_collections.FrozenConfigDict:
     ValueError: an unknown key, a value out of range, an unknown or malformed architecture.
   """
   values = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
-  cfg = ml_collections.FrozenConfigDict(_merge(default_config().to_dict(), values, ''))
-  _check_choice('dataset', cfg.dataset, DATASETS)
-  _check_choice('train.schedule', cfg.train.schedule, SCHEDULES)
-  _check_choice('train.rollback_to', cfg.train.rollback_to, ROLLBACK_TO)
-  _check_choice('model.output_average', cfg.model.output_average, OUTPUT_AVERAGES)
+  cfg = ml_collections.FrozenConfigDict(merge_sections(default_config().to_dict(), values, ''))
+  check_choice('dataset', cfg.dataset, DATASETS)
+  check_choice('train.schedule', cfg.train.schedule, SCHEDULES)
+  check_choice('train.rollback_to', cfg.train.rollback_to, ROLLBACK_TO)
+  check_choice('model.output_average', cfg.model.output_average, OUTPUT_AVERAGES)
   for name, value, low in (('train.epochs', cfg.train.epochs, 1),
                            ('train.batch_size', cfg.train.batch_size, 1),
                            ('train.eval_batch_size', cfg.train.eval_batch_size, 1),
@@ -200,27 +201,6 @@ def resolve_config(config) -> ml_collections.FrozenConfigDict:
                      f'train.seq_std = {cfg.train.seq_std!r} >= 0')
   build_arch(cfg)
   return cfg
-
-
-def _merge(defaults: dict, values: dict, prefix: str) -> dict:
-  unknown = sorted(set(values) - set(defaults))
-  if unknown:
-    raise ValueError(f'unknown config key {prefix}{unknown[0]}; known at this level: '
-                     f'{", ".join(sorted(defaults))}')
-  merged = dict(defaults)
-  for key, value in values.items():
-    if isinstance(defaults[key], dict):
-      if not isinstance(value, dict):
-        raise ValueError(f'config key {prefix}{key} must be a section, got {value!r}')
-      merged[key] = _merge(defaults[key], value, f'{prefix}{key}.')
-    else:
-      merged[key] = value
-  return merged
-
-
-def _check_choice(name: str, value, choices) -> None:
-  if value not in choices:
-    raise ValueError(f'{name} = {value!r}; choose one of {", ".join(map(str, choices))}')
 
 
 def build_arch(cfg) -> tuple[spaces.RnnSpace, np.ndarray]:
