@@ -10,6 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nao_jax import host_memory
+
+# Every benchmark runs with freed host memory kept for reuse, as the launchers do by default.
+KEEP_HOST_MEMORY = host_memory.keep_freed_memory()
+
 
 def matmul_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
   """FLOP/s of a large float32 matmul on the default device (best of ``repeats``)."""
@@ -29,7 +34,7 @@ def machine() -> dict:
   """What the figures were measured on."""
   return {'device': str(jax.devices()[0].device_kind), 'backend': jax.default_backend(),
           'cpu_count': os.cpu_count(), 'load_avg_1m': round(os.getloadavg()[0], 2),
-          'jax': jax.__version__}
+          'jax': jax.__version__, 'keep_host_memory': KEEP_HOST_MEMORY}
 
 
 def emit(results: dict) -> None:

@@ -30,6 +30,7 @@ from absl import flags
 from absl import logging
 import jax
 
+from nao_jax import host_memory
 from nao_jax import parallel
 from nao_jax import preemption
 
@@ -45,6 +46,9 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 _PROCESS_ID = flags.DEFINE_integer(
     'process_id', None, 'This process\'s index (0 .. num_processes-1) for --distributed; '
     'discovered when unset.', lower_bound=0)
+_KEEP_HOST_MEMORY = flags.DEFINE_bool(
+    'keep_host_memory', True, 'Let glibc keep freed host memory for reuse instead of returning '
+    'it to the OS (nao_jax/host_memory.py): fewer page faults on CPU, same results.')
 
 # What the library raises for bad input: these become one line, everything else a traceback.
 INPUT_ERRORS = (ValueError, FileNotFoundError, ImportError)
@@ -92,6 +96,8 @@ def setup(argv: list[str]) -> None:
     sys.exit(f'error: unexpected arguments: {" ".join(argv[1:])}')
   logging.get_absl_handler().python_handler.stream = sys.stdout
   quiet_orbax()
+  if _KEEP_HOST_MEMORY.value:
+    host_memory.keep_freed_memory()
   explicit = {'--coordinator_address': _COORDINATOR_ADDRESS.value,
               '--num_processes': _NUM_PROCESSES.value, '--process_id': _PROCESS_ID.value}
   if not _DISTRIBUTED.value:

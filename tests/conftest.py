@@ -5,8 +5,12 @@ import os
 import hypothesis
 import jax
 
+from nao_jax import host_memory
+
 # Tests use tiny shapes, so XLA's optimisation passes cost more than they save.
 jax.config.update('jax_disable_most_optimizations', True)
+# As the launchers do: reuse freed host memory instead of faulting in fresh pages every step.
+host_memory.keep_freed_memory()
 
 hypothesis.settings.register_profile('ci', deadline=None, max_examples=40, derandomize=True,
                                      print_blob=True)

@@ -7,6 +7,7 @@ import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from nao_jax import metrics, spaces
@@ -14,6 +15,7 @@ from nao_jax.controller import (Controller, ControllerConfig, capacity_for, init
                                 normalize_targets, pad_pool, predict_scores, propose, reconstruct,
                                 reset_optimizer, train_epochs)
 from nao_jax.controller import optimize, train
+from nao_jax.controller.train import decoder_inputs
 
 ALL_SPACES = list(spaces.SPACES.values())
 
@@ -252,6 +254,17 @@ def test_config_is_hashable_static_arg():
   assert hash(cfg) == hash(dataclasses.replace(cfg))
 
 
+def _textbook_lstm(input_proj, w_hh, h0, c0, forget_bias):
+  """An independent LSTM (jax.nn.sigmoid gates, autodiff through lax.scan) to test against."""
+  def step(carry, x):
+    h, c = carry
+    i, f, g, o = jnp.split(x + h @ w_hh, 4, axis=-1)
+    c = jax.nn.sigmoid(f + forget_bias) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    h = jax.nn.sigmoid(o) * jnp.tanh(c)
+    return (h, c), h
+  return jax.lax.scan(step, (h0, c0), input_proj)[1]
+
+
 @pytest.mark.parametrize('forget_bias', [0.0, 1.0])
 def test_hand_written_lstm_backward_equals_autodiff(forget_bias):
   from nao_jax.controller import lstm  # pylint: disable=import-outside-toplevel
@@ -262,8 +275,65 @@ def test_hand_written_lstm_backward_equals_autodiff(forget_bias):
           jax.random.normal(keys[2], (batch, hidden)), jax.random.normal(keys[3], (batch, hidden)))
   cotangent = jax.random.normal(keys[4], (steps, batch, hidden))
   fast = lambda *a: jnp.sum(lstm.lstm_recurrence(*a, forget_bias) * cotangent)
-  plain = lambda *a: jnp.sum(lstm._forward(*a, forget_bias)[0] * cotangent)
+  plain = lambda *a: jnp.sum(_textbook_lstm(*a, forget_bias) * cotangent)
   np.testing.assert_allclose(fast(*args), plain(*args), rtol=1e-6)
   for a, b in zip(jax.grad(fast, argnums=(0, 1, 2, 3))(*args),
                   jax.grad(plain, argnums=(0, 1, 2, 3))(*args)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_folded_input_projection_equals_embedding_then_matmul():
+  """The lookup in emb @ W_ih tables equals embedding the tokens and projecting them."""
+  from nao_jax.controller import model  # pylint: disable=import-outside-toplevel
+  keys = jax.random.split(jax.random.key(3), 4)
+  steps, batch, per_step, vocab, emb, gates = 5, 3, 2, 7, 4, 12
+  tokens = jax.random.randint(keys[0], (steps, batch, per_step), 0, vocab)
+  table = jax.random.normal(keys[1], (vocab, emb))
+  w_ih = jax.random.normal(keys[2], (per_step * emb, gates))
+  bias = jax.random.normal(keys[3], (gates,))
+  plain = jnp.take(table, tokens, axis=0).reshape(steps, batch, -1) @ w_ih + bias
+  tables = jnp.einsum('ve,reg->rvg', table, w_ih.reshape(per_step, emb, gates))
+  np.testing.assert_allclose(model._folded_projection(tokens, tables, bias), plain,
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_controller_loss_and_gradients_do_not_depend_on_the_folded_projection():
+  """Training with and without the folded input projections gives the same loss and gradients.
+
+  Decoder dropout switches the decoder (and encoder embedding dropout the encoder) to the plain
+  embedding path; with rate 0 both paths must agree.
+  """
+  from nao_jax.controller import model  # pylint: disable=import-outside-toplevel
+  space = spaces.WS_SPACE
+  cfg = tiny_config(space)
+  params = _params(cfg, 0)
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(space.to_tokens(space.sample(rng, 4)))
+  targets, weights = jnp.asarray(rng.random(4), jnp.float32), jnp.ones(4)
+
+  def loss(p, folded):
+    module = Controller(cfg)
+    if folded:
+      memory, embedding = module.apply({'params': p}, tokens, method=Controller.encode)
+    else:
+      x = jnp.take(p['enc_emb'], tokens, axis=0).reshape(4, cfg.encoder_length, -1)
+      proj = jnp.swapaxes(x @ p['enc_w_ih'] + p['enc_b'], 0, 1)
+      zeros = jnp.zeros((4, cfg.hidden_size))
+      memory = model.l2_normalize(module.apply({'params': p}, proj, p['enc_w_hh'], zeros, zeros,
+                                               method=Controller._run_lstm))
+      embedding = Controller.pool(memory)
+    if folded:
+      logits = module.apply({'params': p}, memory, embedding, decoder_inputs(tokens),
+                            method=Controller.decode_teacher_forced)
+    else:
+      x = jnp.take(p['dec_emb'], decoder_inputs(tokens), axis=0)
+      proj = jnp.swapaxes(x @ p['dec_w_ih'] + p['dec_b'], 0, 1)
+      logits = module.apply({'params': p}, proj, p['dec_w_hh'], embedding, embedding,
+                            method=Controller._run_lstm)
+      logits = module.apply({'params': p}, logits, memory, method=Controller._luong_logits)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens).mean()
+
+  np.testing.assert_allclose(loss(params, True), loss(params, False), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(jax.grad(loss)(params, True)),
+                  jax.tree.leaves(jax.grad(loss)(params, False))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
