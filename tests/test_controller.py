@@ -76,13 +76,16 @@ def _decode(params, cfg, memory, embedding, mask_table):
 @pytest.mark.parametrize('attention', ['luong', 'bahdanau'])
 def test_controller_overfits_a_small_pool(attention):
   space = spaces.WS_SPACE
+  # lr 5e-3 for 500 epochs: at 1e-2 the Bahdanau decoder's loss spikes now and then late in
+  # training (seen with both LSTM implementations); with these settings seeds 0-2 of both
+  # attentions end below 0.012x the first loss with every architecture reconstructed.
   cfg = tiny_config(space, hidden_size=32, mlp_hidden=32, attention=attention, mlp_dropout=0.0,
-                    lr=1e-2, l2=0.0, swap_augment=False)
+                    lr=5e-3, l2=0.0, swap_augment=False)
   rng = np.random.default_rng(0)
   archs = space.sample(rng, 16)
   scores = rng.random(16)
   state, first, _ = fit(space, cfg, archs, scores, epochs=1)
-  state, last, _ = fit(space, cfg, archs, scores, epochs=300, state=state)
+  state, last, _ = fit(space, cfg, archs, scores, epochs=500, state=state)
   assert float(last['loss']) < 0.2 * float(first['loss'])
   mask = jnp.asarray(space.decoder_mask_table())
   decoded = reconstruct(state.params, cfg, jnp.asarray(space.to_tokens(archs)), mask)
