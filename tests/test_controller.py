@@ -340,3 +340,24 @@ def test_controller_loss_and_gradients_do_not_depend_on_the_folded_projection():
   for a, b in zip(jax.tree.leaves(jax.grad(loss)(params, True)),
                   jax.tree.leaves(jax.grad(loss)(params, False))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_unlabeled_rows_train_reconstruction_only():
+  """NaN targets (unlabeled architectures) count in the reconstruction loss, not in the MSE."""
+  space = spaces.NB201_SPACE
+  cfg = tiny_config(space, mlp_dropout=0.0)
+  params = _params(cfg, 0)
+  tokens = jnp.asarray(space.to_tokens(space.sample(np.random.default_rng(0), 4)))
+  targets = jnp.asarray([0.2, np.nan, 0.7, np.nan], jnp.float32)
+  loss, (mse, ce) = train.loss_fn(params, cfg, tokens, targets, jnp.ones(4), jax.random.key(0),
+                                  train=False)
+  predicted = predict_scores(params, cfg, tokens)
+  np.testing.assert_allclose(mse, np.mean((np.asarray(predicted)[[0, 2]] - [0.2, 0.7]) ** 2),
+                             rtol=1e-5)
+  _, (_, ce_labeled_only) = train.loss_fn(params, cfg, tokens[::2], targets[::2], jnp.ones(2),
+                                          jax.random.key(0), train=False)
+  assert float(ce) != pytest.approx(float(ce_labeled_only))  # the unlabeled rows count here
+  grads = jax.grad(lambda p: train.loss_fn(p, cfg, tokens, targets, jnp.ones(4),
+                                           jax.random.key(0), train=False)[0])(params)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  assert np.isfinite(float(loss))

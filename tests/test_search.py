@@ -21,7 +21,7 @@ SPACE = spaces.NB201_SPACE
 
 # A tiny NAO that finishes 40 queries in seconds.
 TINY_NAO = {'seed_pool_size': 8, 'top_k': 4, 'num_new': 4, 'eta_max': 6.0, 'eta_chunk': 3,
-            'pool_policy': 'keep_all'}
+            'pool_policy': 'keep_all', 'unlabeled': 12}
 TINY_CONTROLLER = {'epochs': 15, 'hidden_size': 16, 'mlp_layers': 1, 'mlp_hidden': 16,
                    'batch_size': 20}
 
@@ -215,6 +215,8 @@ def test_bad_configs_fail_before_any_work(table_path, tmp_path):
     run_search(config(table_path, nao={'pool': 3}), str(workdir))
   with pytest.raises(ValueError, match=r"unknown controller config key\(s\) \['hidden'\]"):
     run_search(config(table_path, controller={'hidden': 3}), str(workdir))
+  with pytest.raises(ValueError, match='nao.unlabeled must be >= 0, got -1'):
+    run_search(config(table_path, nao=dict(TINY_NAO, unlabeled=-1)), str(workdir))
   with pytest.raises(ValueError, match="searcher = 'bayes'"):
     run_search(config(table_path, searcher='bayes'), str(workdir))
   assert not workdir.exists()

@@ -61,6 +61,11 @@ class NaoSearchConfig:
     warm_epochs: controller epochs of the rounds after the first when the controller is warm
       started (0: ``controller.epochs`` every round, as the official code). A warm controller
       already fits most of the pool, so small tabular searches can spend less time per round.
+    unlabeled: random architectures added to every controller training as reconstruction-only
+      rows (no score, no query): the encoder and decoder then learn the whole space rather than
+      the few evaluated architectures, as in SemiNAS (Luo et al. 2020), which extends NAO with
+      unlabeled architectures. 0 (official NAO) trains on the evaluated pool only. Drawn once
+      per search from the seed, so a resumed search uses the same ones.
     rerank_top: with a non-stationary evaluator (a supernet) that can ``rerank``, the best
       ``rerank_top`` architectures of the last round are re-scored by it at the end (PT-V1:
       top 5 by short stand-alone training) and the best of those is the result.
@@ -80,12 +85,15 @@ class NaoSearchConfig:
   candidates_per_new: float = 1.0
   rerank_top: int = 5
   warm_epochs: int = 0
+  unlabeled: int = 0
 
   def __post_init__(self):
     if self.pool_policy not in POOL_POLICIES:
       raise ValueError(f'nao.pool_policy = {self.pool_policy!r}; choose one of {POOL_POLICIES}')
     if self.exclude not in ('evaluated', 'pool'):
       raise ValueError(f"nao.exclude must be 'evaluated' or 'pool', got {self.exclude!r}")
+    if self.unlabeled < 0:
+      raise ValueError(f'nao.unlabeled must be >= 0, got {self.unlabeled}')
     for field in ('seed_pool_size', 'top_k', 'num_new', 'eta_chunk'):
       if getattr(self, field) < 1:
         raise ValueError(f'nao.{field} must be >= 1, got {getattr(self, field)}')
@@ -109,7 +117,9 @@ def nao_search(run: SearchRun, cfg: NaoSearchConfig, controller_cfg: ControllerC
   space = run.space
   checkpointer = RunCheckpointer(run.workdir, subdir='search_state')
   max_pool = run.budget if cfg.pool_policy == 'keep_all' else cfg.target_pool_size + cfg.num_new
-  capacity = capacity_for(max_pool, controller_cfg.batch_size)
+  capacity = capacity_for(max_pool + cfg.unlabeled, controller_cfg.batch_size)
+  # Its own stream, so that the search's random architectures do not depend on this setting.
+  unlabeled = space.sample(np.random.default_rng([seed, 1]), cfg.unlabeled)
   swaps = jnp.asarray(space.swap_permutations())
   template = {'controller': init_controller(controller_cfg, jax.random.key(seed)),
               'key': jax.random.key(seed)}
@@ -150,8 +160,8 @@ def nao_search(run: SearchRun, cfg: NaoSearchConfig, controller_cfg: ControllerC
     if round_index > 0 and controller_cfg.warm_start and cfg.warm_epochs:
       epochs = cfg.warm_epochs
     controller, stats = _train_controller(state['controller'], controller_cfg, space, pool,
-                                          targets, capacity, swaps, state['key'], round_index,
-                                          epochs)
+                                          targets, unlabeled, capacity, swaps, state['key'],
+                                          round_index, epochs)
     seen = run.known_keys() if cfg.exclude == 'evaluated' else set()
     seen |= {space.canonical_key(a) for a in pool}
     quota = min(cfg.num_new, run.remaining)
@@ -205,14 +215,21 @@ def _random_archs(cfg: NaoSearchConfig, run: SearchRun, rng: np.random.Generator
   return archs
 
 
-def _train_controller(controller, cfg: ControllerConfig, space, pool, targets, capacity, swaps,
-                      key, round_index, epochs):
-  """Fresh or warm-started controller trained on the sorted pool; returns (state, stats)."""
+def _train_controller(controller, cfg: ControllerConfig, space, pool, targets, unlabeled,
+                      capacity, swaps, key, round_index, epochs):
+  """Fresh or warm-started controller trained on the sorted pool; returns (state, stats).
+
+  ``unlabeled`` architectures (``int32[M, L]``, possibly empty) join as rows with a NaN target,
+  which the loss counts for reconstruction only.
+  """
   round_key = jax.random.fold_in(key, round_index)
   if round_index == 0 or not cfg.warm_start:
     controller = init_controller(cfg, jax.random.fold_in(round_key, 0))
   elif not cfg.keep_optimizer_state:
     controller = reset_optimizer(cfg, controller)
+  if len(unlabeled):
+    pool = np.concatenate([pool, unlabeled])
+    targets = np.concatenate([targets, np.full(len(unlabeled), np.nan, np.float32)])
   tokens, padded_targets, valid = pad_pool(space.to_tokens(pool), targets, capacity)
   controller, stats = train_epochs(controller, cfg, tokens, padded_targets, valid, swaps,
                                    jnp.int32(epochs), jax.random.fold_in(round_key, 1))
