@@ -28,23 +28,29 @@ two loopback CPU processes only, never on GPUs or TPUs):
   process finish reading before the primary writes. Orbax checkpoints are collective: every
   process calls save and restore, and the replicated arrays are written once;
 * the data-parallel code paths put their batches on a mesh over all processes' devices
-  (``cnn/final.py``: ``train_cifar`` / ``evaluate_cifar``; the ``ws_cnn`` evaluator with
-  ``data_parallel``); the rest (controller training in a search, the tabular and scratch
-  evaluators) runs on one local device and is simply repeated by every process. A search
-  therefore gains from ``--distributed`` only through ``ws_cnn``'s data parallelism.
+  (``cnn/final.py``: ``train_cifar`` / ``evaluate_cifar``; ``rnn/lm.py``: ``train_lm``, whose
+  time-major ``[T, B]`` windows are split on the batch axis 1; the ``ws_cnn`` evaluator with
+  ``data_parallel``). The ``scratch_cnn`` evaluator spreads its candidates over the processes
+  (candidate ``i`` on process ``i mod process_count``, each on one local device) and exchanges
+  the results with ``exchange_json``. The rest (controller training in a search, the tabular
+  evaluator) runs on one local device and is simply repeated by every process.
 
-Checked: ``train_cifar`` with 2 processes and one ``--workdir``, stopped by ``train.max_steps``
-and rerun, resumes from its checkpoint and ends with the same test accuracy and loss (equal
-floats) as one process with the same 2 devices (``tests/test_distributed.py``); a tabular NAO ``search`` with 2 processes (also extended from a
-smaller budget) writes the same ``history.jsonl`` and ``results.json`` as one process.
-Not done: ``train_lm`` (``rnn/lm.py``) and the ``scratch_cnn`` evaluator (``cnn/standalone.py``)
-place work on ``jax.devices()[0]``, which belongs to process 0, and write their JSON files from
-every process, so they are not expected to work under ``--distributed``; the ``ws_cnn`` / ``ws_rnn``
-evaluators' supernet resume and ``evaluate_cifar`` were not run with several processes.
+Checked (``tests/test_distributed.py``): ``train_cifar`` and ``train_lm`` with 2 processes and
+one ``--workdir``, stopped by ``train.max_steps`` and rerun, resume from their checkpoints and end
+with the same metrics (equal floats) as one process with the same 2 devices; the ``scratch_cnn``
+evaluator in 2 processes returns the results of one process, trains each candidate once and
+resumes one from the checkpoint its process wrote alone. Reported earlier, with no test in that
+file: a tabular NAO ``search`` with 2 processes (also extended from a smaller budget) writes the
+same ``history.jsonl`` and ``results.json`` as one process. Not run with several processes:
+the ``ws_cnn`` / ``ws_rnn`` evaluators' supernet resume, the ``ws_cnn`` re-ranking
+(``standalone.train_candidate`` repeated by every process) and ``evaluate_cifar``.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
+import json
 from typing import Any
 
 import jax
@@ -100,15 +106,47 @@ def sync_processes(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+# Numbers the exchange_json calls of this process: every process makes the same calls in the same
+# order, so the numbers (and the keys in the coordination service) agree.
+_EXCHANGES = itertools.count()
+
+
+def exchange_json(value: Any, timeout_s: float = 7 * 24 * 3600) -> list[Any]:
+  """Every process's ``value`` (JSON-serialisable), in process order; ``[value]`` in one process.
+
+  Goes through the key-value store of JAX's coordination service (``jax.distributed``), not
+  through device collectives: a process that finished its share of uneven host work early may
+  wait here for hours (a CPU gloo collective whose peer is late fails after 30 s), and floats
+  arrive exactly (JSON keeps float64; a device collective rounds them to float32 without
+  ``jax_enable_x64``). Every process must make the same calls in the same order.
+
+  Args:
+    value: this process's contribution.
+    timeout_s: how long to wait for the slowest process (default a week).
+  """
+  if jax.process_count() == 1:
+    return [value]
+  # The client is not public API in jax 0.10; Orbax reaches it the same way.
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  client = distributed.global_state.client
+  prefix = f'nao_jax/exchange_json/{next(_EXCHANGES)}/'
+  client.key_value_set(prefix + str(jax.process_index()), json.dumps(value))
+  timeout_ms = int(timeout_s * 1000)
+  return [json.loads(client.blocking_key_value_get(prefix + str(p), timeout_ms))
+          for p in range(jax.process_count())]
+
+
 def data_mesh(devices: Any = None) -> Mesh:
   """A 1-D mesh over ``devices`` (default: every device of every process)."""
   devices = jax.devices() if devices is None else list(devices)
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading axis split over ``'data'``."""
-  return NamedSharding(mesh, P(DATA_AXIS))
+def batch_sharding(mesh: Mesh, axis: int = 0) -> NamedSharding:
+  """Axis ``axis`` (the batch; 1 for time-major ``[T, B]`` windows) split over ``'data'``."""
+  if axis < 0:
+    raise ValueError(f'axis = {axis}; expected a non-negative axis index')
+  return NamedSharding(mesh, P(*([None] * axis), DATA_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -150,8 +188,30 @@ def host_batch_slice(global_batch: int, mesh: Mesh) -> slice:
   return slice(start, start + per_process)
 
 
-def global_batch(host_arrays, mesh: Mesh):
-  """Assembles per-host slices (leading axis) into global arrays sharded over ``'data'``."""
-  sharding = batch_sharding(mesh)
+def global_batch(host_arrays, mesh: Mesh, axis: int = 0):
+  """Assembles per-host slices into global arrays sharded over ``'data'``.
+
+  Args:
+    host_arrays: a tree of this process's rows (``host_batch_slice``) of each global batch,
+      sliced along ``axis``.
+    mesh: the data mesh.
+    axis: the batch axis (0; 1 for time-major ``[T, B]`` windows).
+  """
+  sharding = batch_sharding(mesh, axis)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), host_arrays)
+
+
+def gather(tree, mesh: Mesh):
+  """Replicated copies of ``tree``'s arrays on every device of ``mesh`` (an all-gather).
+
+  A batch-sharded array of a multi-process run cannot be read on one host; its replicated copy
+  can (``np.asarray``, checkpoint saves).
+  """
+  return _gather_program(mesh)(tree)
+
+
+@functools.lru_cache(maxsize=None)
+def _gather_program(mesh: Mesh):
+  # One jitted identity per mesh: a new lambda per call would be traced and compiled again.
+  return jax.jit(lambda tree: tree, out_shardings=replicated(mesh))

@@ -11,9 +11,14 @@ every process:
 
 The reference is the same program in one process with the same number of (fake) devices.
 
-A launcher end to end: ``experiments.train_cifar`` (tiny variant, cheap cell) in two processes
-sharing one ``--workdir`` (only process 0 writes its plain files), stopped by
-``train.max_steps``, rerun, resumed from the checkpoint, against one process with two devices.
+Launchers end to end: ``experiments.train_cifar`` (tiny variant, cheap cell) and
+``experiments.train_lm`` (tiny variant, batch split on its columns) in two processes sharing one
+``--workdir`` (only process 0 writes its plain files), stopped by ``train.max_steps``, rerun,
+resumed from the checkpoint, against one process with two devices.
+
+The train-from-scratch evaluator: 3 candidates spread over two processes (candidate ``i`` on
+process ``i mod 2``), every result on both, equal to one process; finished candidates are read,
+never retrained, and a candidate resumes from the checkpoint its process wrote alone.
 """
 
 import json
@@ -23,6 +28,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 
 from absl import flags
 import jax
@@ -326,3 +332,264 @@ def test_train_cifar_two_processes_share_a_workdir_and_resume(tmp_path):
   for key in ('test_accuracy', 'test_loss', 'test_count', 'params', 'arch'):
     assert got[key] == expected[key], key
   assert (shared / 'config.json').read_text() == (reference / 'config.json').read_text()
+
+
+# -- the language model: train_lm with one shared run directory ------------------------------------
+
+
+def _write_corpus(path) -> str:
+  """A PTB-style toy corpus (as tests/test_lm.py): 30 words in arithmetic progressions."""
+  path.mkdir()
+  rng = np.random.default_rng(0)
+  words = [f'w{i}' for i in range(30)]
+  for split, lines in (('train', 110), ('valid', 30), ('test', 30)):
+    with open(path / f'ptb.{split}.txt', 'w', encoding='utf-8') as f:
+      for _ in range(lines):
+        first, stride, length = rng.integers(30), rng.integers(1, 4), rng.integers(4, 15)
+        f.write(' ' + ' '.join(words[(first + stride * k) % 30] for k in range(length)) + ' \n')
+  return str(path)
+
+
+def _newest_checkpoint(workdir) -> tuple[int, dict]:
+  """The newest step of ``workdir/checkpoints`` as host arrays (read without a device mesh)."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  step = max(int(name) for name in os.listdir(workdir / 'checkpoints') if name.isdigit())
+  return step, ocp.PyTreeCheckpointer().restore(str(workdir / 'checkpoints' / str(step) /
+                                                    'state'))
+
+
+def test_train_lm_two_processes_share_a_workdir_and_resume(tmp_path):
+  """``train_lm``'s tiny config (batch 8, 2 epochs of 16 windows; validation batch 10 split too,
+  test batch 1 replicated) with the batch split over 2 processes x 1 device, stopped at step 20
+  (mid epoch 2), rerun, resumed.
+
+  The reference is the uninterrupted command in 1 process with 2 (fake) devices, the same mesh:
+  each device trains 4 of the 8 columns, and the two partial gradient sums add in either order to
+  the same float, so metrics.json (valid and test perplexities) and the last checkpoint are
+  bit-identical. About 50 s on a loaded 2-core machine.
+  """
+  corpus = _write_corpus(tmp_path / 'corpus')
+  env = dict(_env(1), JAX_DISABLE_MOST_OPTIMIZATIONS='true',
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  # Test batch 1 (the default recipe's): no split, every device scores all of it.
+  command = [sys.executable, '-m', 'experiments.train_lm',
+             '--config=experiments/configs/naonet_ptb.py:tiny', f'--config.data_dir={corpus}',
+             '--config.train.test_batch_size=1']
+  reference, shared = tmp_path / 'reference', tmp_path / 'shared'
+  start = time.monotonic()
+  _run_all([[*command, f'--workdir={reference}']],
+           dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=2'), tmp_path)
+  reference_s = time.monotonic() - start
+  with open(reference / 'metrics.json', encoding='utf-8') as f:
+    expected = json.load(f)
+  assert expected['finished'] and expected['steps'] == 32, expected['steps']
+
+  port = _free_port()
+  outputs = _run_all([[*command, f'--workdir={shared}', '--config.train.max_steps=20',
+                       *_distributed(port, i)] for i in range(2)], env, tmp_path)
+  stopped_s = time.monotonic() - start - reference_s
+  for out in outputs:
+    assert 'batch 8 on 2 device(s)' in out, out[-4000:]
+  assert sorted(os.listdir(shared / 'checkpoints')) == ['16', '20']
+  assert not (shared / 'metrics.json').exists()
+  _no_stray_files(shared, launches=1)
+
+  port = _free_port()
+  outputs = _run_all([[*command, f'--workdir={shared}', *_distributed(port, i)]
+                      for i in range(2)], env, tmp_path)
+  print(f'reference {reference_s:.1f} s, two processes to step 20 {stopped_s:.1f} s, resumed '
+        f'{time.monotonic() - start - reference_s - stopped_s:.1f} s')
+  for out in outputs:
+    assert f'resuming {shared} from step 20 ' in out, out[-4000:]
+    assert 'finished: best valid ppl' in out
+  _no_stray_files(shared, launches=2)
+  with open(shared / 'metrics.json', encoding='utf-8') as f:
+    got = json.load(f)
+  for key in ('wall_s', 'train_tok_per_s'):
+    del got[key], expected[key]
+  assert got == expected  # valid_nll, test_nll, best_epoch, ...: equal floats
+  # Training moved the model: epoch 2 validated better than epoch 1.
+  assert np.isfinite(got['test_nll']) and got['best_epoch'] == 2
+  (step, a), (step_b, b) = _newest_checkpoint(reference), _newest_checkpoint(shared)
+  assert step == step_b == 32
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+  assert (shared / 'config.json').read_text() == (reference / 'config.json').read_text()
+
+
+def test_train_lm_refuses_a_batch_that_does_not_divide_over_the_devices(tmp_path, monkeypatch):
+  from experiments.configs import naonet_ptb  # pylint: disable=import-outside-toplevel
+  from nao_jax.rnn import lm  # pylint: disable=import-outside-toplevel
+  corpus = _write_corpus(tmp_path / 'corpus')
+  config = naonet_ptb.get_config('tiny')
+  config.data_dir = corpus
+  # A mesh of 3 devices (only its size is read before the refusal).
+  monkeypatch.setattr(parallel, 'data_mesh', lambda: types.SimpleNamespace(size=3))
+  with pytest.raises(ValueError, match=r'train.batch_size = 8 does not divide over the 3 '
+                     r'devices of the data mesh'):
+    lm.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()  # refused before any work
+
+
+# -- the train-from-scratch evaluator: candidates spread over processes ----------------------------
+
+
+SCRATCH_CHILD = textwrap.dedent('''
+    import json, os, sys
+    from absl import flags
+    from experiments import common
+    _OUT = flags.DEFINE_string('out', None, 'JSON written by every process')
+    _WORKDIR = flags.DEFINE_string('workdir', None, 'the shared search directory')
+    _ARCHS = flags.DEFINE_string('archs', None, 'JSON list of cnn_ws architecture strings')
+    common.setup(common.parse_flags(sys.argv))
+
+    import jax, numpy as np
+    jax.config.update('jax_disable_most_optimizations', True)
+    from nao_jax.cnn import scratch_evaluator, standalone
+    from nao_jax.spaces import WS_SPACE
+
+    # tests/test_ws_search.py's tiny candidates: 1 cell per stage, 4 channels, 2 epochs of 2
+    # steps of 32 synthetic 8x8 images (96 drawn, 32 of them held out to score).
+    config = {'space': 'cnn_ws', 'seed': 0,
+              'data': dict(source='synthetic', image_size=8, synthetic_train=96, num_dev=32,
+                           mean_std_stats='train'),
+              'scratch_cnn': dict(train=dict(layers=1, channels=4, epochs=2, batch_size=32,
+                                             eval_batch_size=32, use_aux_head=False))}
+    evaluator = scratch_evaluator.from_config(config, _WORKDIR.value)
+    trained = []  # the candidates this process trains
+    build = standalone.build_program
+
+    def counting_build(space, arch, *args, **kwargs):
+      trained.append(space.format(arch))
+      return build(space, arch, *args, **kwargs)
+
+    standalone.build_program = counting_build
+    archs = [WS_SPACE.parse(a) for a in json.loads(_ARCHS.value)]
+    first = evaluator.evaluate(np.stack(archs))
+    trained_first = list(trained)
+    # Reversed: in two processes each now reads results the other one trained; none retrains.
+    again = evaluator.evaluate(np.stack(archs[::-1]))
+    assert trained == trained_first, trained
+
+    # A killed candidate resumes from the checkpoint its process wrote alone: candidate k (by
+    # process k) again in a new folder, stopped after 3 of its 4 steps, then finished.
+    k = jax.process_index()
+    folder = os.path.join(_WORKDIR.value, f'resume{k}')
+    train = lambda **kw: standalone.train_candidate(
+        WS_SPACE, archs[k], evaluator.config, evaluator.data, folder, seed=0,
+        device=jax.local_devices()[0], process_local=True, **kw)
+    assert train(stop_after_steps=3) is None
+    assert os.listdir(os.path.join(folder, 'checkpoints')) == ['step_3']
+    resumed = train()
+    with open(_OUT.value, 'w') as f:
+      json.dump({'process_count': jax.process_count(), 'archs': [WS_SPACE.format(a) for a in archs],
+                 'first': first, 'again': again, 'trained': trained_first,
+                 'resumed': resumed['valid_accuracy']}, f)
+    print('done', jax.process_index(), flush=True)
+''')
+
+
+# Three candidates of identity-only cells, wired two ways (a cell with pooling or separable
+# convolutions compiles for 15 s to a minute here, an identity-only one in about 7 s).
+_IDENTITY_CELLS = ('0 4 1 4 2 4 0 4 1 4 3 4 4 4 0 4 5 4 1 4',
+                   '1 4 0 4 2 4 1 4 3 4 2 4 4 4 1 4 5 4 0 4')
+_SCRATCH_ARCHS = [f'{_IDENTITY_CELLS[0]} {_IDENTITY_CELLS[0]}',
+                  f'{_IDENTITY_CELLS[1]} {_IDENTITY_CELLS[1]}',
+                  f'{_IDENTITY_CELLS[0]} {_IDENTITY_CELLS[1]}']
+
+
+def test_local_checkpointer_keeps_the_newest_steps_and_restores_exactly(tmp_path):
+  """The plain-file checkpoints a process writes alone (the scratch evaluator's candidates)."""
+  from nao_jax.checkpoint import LocalCheckpointer  # pylint: disable=import-outside-toplevel
+  device = jax.local_devices()[0]
+
+  def state(step):
+    return {'w': jax.device_put(np.arange(6, dtype=np.float32).reshape(2, 3) * step, device),
+            'count': np.int32(step), 'rng': jax.random.fold_in(jax.random.key(0), step)}
+
+  (tmp_path / 'checkpoints' / 'step_9.tmp').mkdir(parents=True)  # a save killed halfway
+  checkpointer = LocalCheckpointer(str(tmp_path), max_to_keep=2)
+  assert checkpointer.latest_step() is None and not os.listdir(tmp_path / 'checkpoints')
+  for step in (1, 2, 3, 3):  # step 3 saved again (a replay): replaced
+    checkpointer.save(step, state(step), {'step': step, 'evals': [0.5]})
+  assert checkpointer.all_steps() == [2, 3] and checkpointer.latest_step() == 3
+  template = {'w': jax.ShapeDtypeStruct((2, 3), np.float32,
+                                        sharding=jax.sharding.SingleDeviceSharding(device)),
+              'count': np.int32(0), 'rng': jax.random.key(0)}
+  restored, meta = checkpointer.restore(3, template)
+  assert meta == {'step': 3, 'evals': [0.5]}
+  assert restored['w'].sharding == template['w'].sharding
+  np.testing.assert_array_equal(restored['w'], state(3)['w'])
+  assert restored['count'] == 3 and restored['count'].dtype == np.int32
+  np.testing.assert_array_equal(jax.random.key_data(restored['rng']),
+                                jax.random.key_data(state(3)['rng']))
+  checkpointer.delete(3)
+  assert checkpointer.all_steps() == [2]
+  with pytest.raises(ValueError, match='max_to_keep = 0'):
+    LocalCheckpointer(str(tmp_path), max_to_keep=0)
+
+
+def _candidate_folder(arch_string: str) -> str:
+  """The folder of a ``cnn_ws`` candidate under ``candidates/``."""
+  from nao_jax.cnn import standalone  # pylint: disable=import-outside-toplevel
+  from nao_jax.spaces import WS_SPACE  # pylint: disable=import-outside-toplevel
+  return os.path.basename(standalone.candidate_dir('', WS_SPACE, WS_SPACE.parse(arch_string)))
+
+
+def test_scratch_evaluator_spreads_candidates_over_two_processes(tmp_path):
+  """3 candidates: process 0 trains candidates 0 and 2, process 1 trains candidate 1, in one
+  shared ``candidates/`` folder; both return all three results, equal to one process (2 devices,
+  one candidate per device). About 40 s on a loaded 2-core machine.
+  """
+  child = tmp_path / 'scratch_child.py'
+  child.write_text(SCRATCH_CHILD)
+  env = dict(_env(1), JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  reference, shared = tmp_path / 'reference', tmp_path / 'shared'
+  start = time.monotonic()
+  archs = f'--archs={json.dumps(_SCRATCH_ARCHS)}'
+  _run_all([[sys.executable, str(child), f'--out={tmp_path / "single.json"}',
+             f'--workdir={reference}', archs]],
+           dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=2'), tmp_path)
+  reference_s = time.monotonic() - start
+  port = _free_port()
+  _run_all([[sys.executable, str(child), f'--out={tmp_path / f"process{i}.json"}',
+             f'--workdir={shared}', archs, *_distributed(port, i)] for i in range(2)], env,
+           tmp_path)
+  print(f'reference {reference_s:.1f} s, two processes '
+        f'{time.monotonic() - start - reference_s:.1f} s')
+
+  def load(name):
+    with open(tmp_path / name, encoding='utf-8') as f:
+      return json.load(f)
+
+  single, multi = load('single.json'), [load(f'process{i}.json') for i in range(2)]
+  archs = single['archs']
+  assert archs == _SCRATCH_ARCHS and sorted(single['trained']) == sorted(archs)
+  assert single['again'] == single['first'][::-1]
+  # Candidate i trained on process i mod 2 only; both processes return every result, the same.
+  assert [m['trained'] for m in multi] == [[archs[0], archs[2]], [archs[1]]]
+  assert multi[0]['first'] == multi[1]['first'] and multi[0]['again'] == multi[1]['again']
+  assert multi[0]['again'] == multi[0]['first'][::-1]
+
+  def without_cost(records):
+    return [{k: v for k, v in r.items() if k != 'cost'} for r in records]
+
+  assert without_cost(multi[0]['first']) == without_cost(single['first'])
+  assert all(0.0 <= r['score'] <= 1.0 and r['params'] > 0 for r in single['first'])
+  for arch in archs:  # the shared result.json files, written once by the training process
+    name = _candidate_folder(arch)
+    with open(shared / 'candidates' / name / 'result.json', encoding='utf-8') as f:
+      got = json.load(f)
+    with open(reference / 'candidates' / name / 'result.json', encoding='utf-8') as f:
+      expected = json.load(f)
+    assert got['valid_accuracy'] == expected['valid_accuracy'], arch
+    assert got['train_loss'] == expected['train_loss'], arch
+  # Candidate k resumed by process k from the checkpoint it wrote alone.
+  for result, k in ((single, 0), (multi[0], 0), (multi[1], 1)):
+    with open(reference / 'candidates' / _candidate_folder(archs[k]) / 'result.json',
+              encoding='utf-8') as f:
+      expected = json.load(f)
+    assert result['resumed'] == expected['valid_accuracy']
+  assert not [n for root, _, files in os.walk(shared) for n in files if '.tmp' in n]

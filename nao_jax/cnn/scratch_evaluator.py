@@ -12,6 +12,15 @@ Devices: candidates are independent, so with several devices (GPUs, TPU cores) a
 candidates trains concurrently, one per device, from a thread pool; on one device they train one
 after another. Every architecture compiles its own program (the network is static).
 
+Processes (``--distributed``): candidate ``i`` of an ``evaluate`` call trains on process
+``i mod process_count`` (on that process's local devices as above), alone: its checkpoints and
+``result.json`` in the shared ``candidates/`` are written by that process only. The processes
+then exchange their results (``parallel.exchange_json``: JSON through JAX's coordination
+service, so a process that finished early may wait for hours and no float is rounded) and every
+process returns all of them, the same numbers as one process (each candidate trains on one device
+either way). A candidate that fails stops every process: the others raise a ``RuntimeError``
+naming the process.
+
 The recipe defaults follow ``train_cifar10_search.sh`` (N=3, F=32, 25 epochs, batch 128,
 SGD 0.024 with a cosine of period 100 epochs so only its first quarter is used (spec §9.1 #14),
 weight decay 5e-4 as TF's ``wd/2 * sum w^2`` in the loss (clipped with it), clip 5, drop-path
@@ -32,6 +41,7 @@ from absl import logging
 import jax
 import numpy as np
 
+from nao_jax import parallel
 from nao_jax import spaces
 from nao_jax.cnn import standalone
 from nao_jax.data import search_split
@@ -57,7 +67,11 @@ class ScratchEvaluator:
     data: the search split (``x_train`` trains, ``x_valid`` scores).
     workdir: the search's run directory (candidates under ``candidates/``); None: no resume.
     seed: every candidate's seed (initialisation, data order, augmentation).
-    devices: where candidates train, one per device at a time (default: all local devices).
+    devices: where candidates train, one per device at a time (default: all local devices);
+      devices of this process only (in a multi-process run every process trains its share).
+
+  Raises:
+    ValueError: a device of another process in ``devices``.
   """
 
   higher_is_better = True
@@ -73,13 +87,17 @@ class ScratchEvaluator:
     self.workdir = workdir
     self.seed = seed
     self.devices = list(devices or jax.local_devices())
+    foreign = [d for d in self.devices if d.process_index != jax.process_index()]
+    if foreign:
+      raise ValueError(f'devices = {foreign} belong to other processes than this one '
+                       f'({jax.process_index()}); pass devices of jax.local_devices()')
 
   def _train_one(self, arch: np.ndarray, device: jax.Device) -> dict[str, Any]:
     root = None if self.workdir is None else os.path.join(self.workdir, 'candidates')
     result = standalone.train_candidate(
         self.space, arch, self.config, self.data,
         standalone.candidate_dir(root, self.space, arch), seed=self.seed, device=device,
-        tag=f'candidate {self.space.format(arch)}')
+        tag=f'candidate {self.space.format(arch)}', process_local=True)
     return {'score': float(result['score']), 'cost': float(result['cost']),
             'params': int(result['params']), 'last_accuracy': float(result['last_accuracy']),
             'best_epoch': int(result['best_epoch'])}
@@ -87,9 +105,37 @@ class ScratchEvaluator:
   def evaluate(self, archs: Sequence[np.ndarray] | np.ndarray) -> list[dict]:
     """Trains (or reads the finished result of) each architecture: ``[{'score', 'cost', ...}]``.
 
-    ``score``: the best per-epoch dev accuracy; ``cost``: training seconds.
+    ``score``: the best per-epoch dev accuracy; ``cost``: training seconds. In a multi-process
+    run every process must call this with the same architectures; each trains its share and
+    all return every result.
     """
     archs = [self.space.validate(a) for a in archs]
+    count, me = jax.process_count(), jax.process_index()
+    if count == 1 or not archs:
+      return self._train_local(archs)
+    mine = list(range(me, len(archs), count))
+    try:
+      local, error = self._train_local([archs[i] for i in mine]), None
+    except Exception as e:  # pylint: disable=broad-except
+      # The other processes wait for this one's results below: tell them, then raise here.
+      local, error = None, e
+    parts = parallel.exchange_json({'failed': None if error is None else repr(error),
+                                    'results': local})
+    if error is not None:
+      raise error
+    results: list[dict | None] = [None] * len(archs)
+    for process, part in enumerate(parts):
+      if part['failed'] is not None:
+        raise RuntimeError(f'process {process} failed to train its candidates '
+                           f'({part["failed"]}); see its log')
+      for i, record in zip(range(process, len(archs), count), part['results']):
+        results[i] = record
+    return results  # type: ignore[return-value]
+
+  def _train_local(self, archs: list[np.ndarray]) -> list[dict]:
+    """Trains ``archs`` on this process's devices, one per device at a time."""
+    if not archs:
+      return []
     if len(self.devices) == 1 or len(archs) == 1:
       return [self._train_one(a, self.devices[0]) for a in archs]
     results: list[dict | None] = [None] * len(archs)

@@ -17,14 +17,16 @@ Data order and randomness are functions of ``(seed, step)`` as in ``final.py``: 
 ``s`` is position ``s mod steps_per_epoch`` of the epoch permutation ``default_rng([seed, 1,
 epoch])`` (``final.EpochBatcher``; the last ``N mod batch`` images of each epoch's order are left
 out, a deviation from PT's partial last batch, named there), augmentation and drop-path keys are
-``fold_in(key, s)``. With a ``workdir`` the state is checkpointed (Orbax) at the end of every
-epoch and every ``checkpoint_every_steps``, the per-epoch dev accuracies travel in the
-checkpoint's metadata, and ``result.json`` is written once training has finished: a killed
-training resumes from its newest checkpoint and ends with the same numbers (CPU: bit-identical),
-and a finished one is never trained again.
+``fold_in(key, s)``. With a ``workdir`` the state is checkpointed (Orbax; with
+``process_local``, plain files that one process writes alone) at the end of every epoch and
+every ``checkpoint_every_steps``, the per-epoch dev accuracies travel in the checkpoint's
+metadata, and ``result.json`` is written once training has finished: a killed training resumes
+from its newest checkpoint and ends with the same numbers (CPU: bit-identical), and a finished
+one is never trained again.
 
 Devices: ``device`` places the whole training (state, batches, programs) on one device, so that
-several candidates can train at the same time, one per device (``scratch_evaluator``).
+several candidates can train at the same time, one per device (``scratch_evaluator``), and in a
+multi-process run on several processes at once (``process_local``).
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nao_jax.checkpoint import RunCheckpointer
+from nao_jax import parallel
+from nao_jax.checkpoint import LocalCheckpointer, RunCheckpointer
 from nao_jax.cnn import final
 from nao_jax.cnn import network as network_lib
 from nao_jax.cnn import train as train_lib
@@ -259,8 +262,8 @@ def evaluate(program: Program, state: State, images: np.ndarray, labels: np.ndar
   return {'accuracy': float(correct / count), 'loss': float(loss_sum / count)}
 
 
-def _restore(checkpointer: RunCheckpointer, step: int, program: Program, seed: int,
-             device: jax.Device) -> tuple[State, dict]:
+def _restore(checkpointer: RunCheckpointer | LocalCheckpointer, step: int, program: Program,
+             seed: int, device: jax.Device) -> tuple[State, dict]:
   """Restores straight onto ``device`` (no initialisation first)."""
   sharding = jax.sharding.SingleDeviceSharding(device)
   abstract = jax.eval_shape(program.init, jax.random.key(seed))
@@ -296,7 +299,8 @@ def finished_result(workdir: str | None) -> dict | None:
 def train_candidate(space: SearchSpace, arch: np.ndarray, cfg: StandaloneConfig,
                     data: SearchData, workdir: str | None, *, seed: int = 0,
                     device: jax.Device | None = None, tag: str = '',
-                    stop_after_steps: int | None = None) -> dict[str, Any] | None:
+                    stop_after_steps: int | None = None,
+                    process_local: bool = False) -> dict[str, Any] | None:
   """Trains ``arch`` on ``data.x_train`` and scores it on ``data.x_valid`` (or resumes).
 
   Args:
@@ -306,10 +310,16 @@ def train_candidate(space: SearchSpace, arch: np.ndarray, cfg: StandaloneConfig,
     data: the search's split (``x_train`` trains, ``x_valid`` scores).
     workdir: this candidate's directory (checkpoints, ``result.json``); None: nothing is saved.
     seed: initialisation, data order, augmentation, drop-path and dropout.
-    device: where to train (default: the default device).
+    device: where to train, a device of this process (default: its first local device).
     tag: prefix of the log lines (e.g. ``'candidate 3'``).
     stop_after_steps: stop after this global step with a checkpoint and return None (training
       in slices; a later call continues).
+    process_local: only this process trains the candidate (the scratch evaluator spreads
+      candidates over the processes of a multi-process run): its checkpoints
+      (``checkpoint.LocalCheckpointer``, ``checkpoints/step_<n>``) and ``result.json`` are
+      written by this process alone. False: in a multi-process run every process trains it (the
+      same numbers) and saves with Orbax collectively (``checkpoints/<n>``), and only the
+      primary process writes ``result.json``.
 
   Returns:
     ``{'score', 'score_kind', 'valid_accuracy' (float per evaluation), 'eval_epochs',
@@ -324,7 +334,7 @@ def train_candidate(space: SearchSpace, arch: np.ndarray, cfg: StandaloneConfig,
   done = finished_result(workdir)
   if done is not None:
     return done
-  device = device or jax.devices()[0]
+  device = device or jax.local_devices()[0]
   started = time.time()
   program = build_program(space, arch, cfg, data.num_classes, len(data.x_train), data.mean,
                           data.std)
@@ -333,7 +343,10 @@ def train_candidate(space: SearchSpace, arch: np.ndarray, cfg: StandaloneConfig,
     raise ValueError(f'{len(data.x_train)} training images cannot fill one batch of '
                      f'{cfg.batch_size}')
   batcher = final.EpochBatcher(len(data.x_train), cfg.batch_size, seed)
-  checkpointer = None if workdir is None else RunCheckpointer(workdir, max_to_keep=1)
+  checkpointer = None
+  if workdir is not None:
+    checkpointer = (LocalCheckpointer(workdir, max_to_keep=1) if process_local
+                    else RunCheckpointer(workdir, max_to_keep=1))
   latest = None if checkpointer is None else checkpointer.latest_step()
   evals: list[dict[str, Any]] = []
   losses: list[float] = []  # mean training loss of each fetch window
@@ -352,6 +365,9 @@ def train_candidate(space: SearchSpace, arch: np.ndarray, cfg: StandaloneConfig,
   else:
     with jax.default_device(device):
       state = program.init(jax.random.key(seed))
+    # Committed to the device, as the states the steps return: the first step then reuses their
+    # compiled program instead of compiling its own (one train_step compile per candidate).
+    state = jax.device_put(state, device)
     latest = 0
   stop = total if stop_after_steps is None else min(total, stop_after_steps)
   counts = network_lib.parameter_counts(program.network)
@@ -420,7 +436,7 @@ def train_candidate(space: SearchSpace, arch: np.ndarray, cfg: StandaloneConfig,
       'epochs': cfg.epochs, 'steps': total, 'params': counts['total'],
       'cost': wall_before + time.time() - started, 'arch': space.format(arch),
   }
-  if workdir is not None:
+  if workdir is not None and (process_local or parallel.is_primary()):
     _write_json(os.path.join(workdir, 'result.json'), result)
   return result
 

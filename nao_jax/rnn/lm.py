@@ -44,6 +44,16 @@ on an exception) with fresh random streams (the reference's RNG also moves on), 
 ``train.max_rollbacks`` times, then stops with ``DivergenceError`` naming the last good
 checkpoint. A checkpoint of the initial state (step 0) is always written, so there is one.
 
+**Devices.** Data parallel over every device of every process (``parallel.data_mesh``): the
+``B = train.batch_size`` columns of each window and of the carried hidden state are split over
+the devices (``train.batch_size`` must divide by their count), parameters, optimizer state and
+key are replicated, and ``jit`` inserts the gradient all-reduce. In a multi-process run
+(``--distributed``) every process reads the whole corpus and feeds its own columns
+(``parallel.host_batch_slice``), all read the run directory, Orbax checkpoints are collective
+(the hidden state is gathered to save it) and only the primary writes ``config.json``,
+``metrics.json``, ``eval_<step>.json`` and TensorBoard. Validation and test split their columns
+the same way when they divide, else every device scores all of them (the test batch of 1).
+
 Data are time-major ``int32[T, B]`` throughout.
 """
 
@@ -63,6 +73,7 @@ import ml_collections
 import numpy as np
 
 from nao_jax.config_utils import check_choice, merge_sections
+from nao_jax import parallel
 from nao_jax import preemption
 from nao_jax import spaces
 from nao_jax.checkpoint import RunCheckpointer
@@ -295,11 +306,47 @@ def load_data(cfg) -> tuple[text.Corpus, np.ndarray]:
 # -- state ----------------------------------------------------------------------------------------
 
 
+def data_mesh(batch_size: int) -> jax.sharding.Mesh:
+  """The data mesh over every device of every process; ``batch_size`` columns split over it.
+
+  Raises:
+    ValueError: ``batch_size`` (``train.batch_size``) does not divide by the device count.
+  """
+  mesh = parallel.data_mesh()
+  if batch_size % mesh.size:
+    raise ValueError(f'train.batch_size = {batch_size} does not divide over the {mesh.size} '
+                     f'devices of the data mesh ({jax.process_count()} process(es)); every '
+                     f'device trains an equal share of the columns: use a multiple of '
+                     f'{mesh.size}')
+  return mesh
+
+
 def _init_state(key: jax.Array, mcfg: model_lib.LMConfig, tcfg: train_lib.TrainConfig,
                 batch_size: int) -> dict:
   params = model_lib.init_params(key, mcfg)
   return {'train': train_lib.init_train_state(params, tcfg),
           'hidden': model_lib.init_hidden(batch_size, mcfg), 'rng': key}
+
+
+def _zero_hidden(batch_size: int, mcfg: model_lib.LMConfig, mesh) -> jax.Array:
+  """``float32[B, H]`` zeros split over ``mesh`` by rows (each process makes its own rows)."""
+  rows = parallel.host_batch_slice(batch_size, mesh)
+  return parallel.global_batch(
+      np.zeros((rows.stop - rows.start, mcfg.hidden_size), np.float32), mesh)
+
+
+def _fresh_state(seed: int, mcfg, tcfg, batch_size: int, mesh) -> dict:
+  """The initial state on ``mesh``: parameters and key replicated, hidden state split."""
+  state = _init_state(jax.random.key(seed), mcfg, tcfg, batch_size)
+  # Every process initialises from the same seed, so the replicated values agree.
+  return {'train': parallel.replicate(state['train'], mesh),
+          'rng': parallel.replicate(state['rng'], mesh),
+          'hidden': _zero_hidden(batch_size, mcfg, mesh)}
+
+
+def _savable(state: dict, mesh) -> dict:
+  """The state with its hidden state gathered: a row-split array cannot be read on one host."""
+  return dict(state, hidden=parallel.gather(state['hidden'], mesh))
 
 
 @jax.jit
@@ -310,19 +357,28 @@ def _all_finite(tree) -> jax.Array:
 
 
 def _restore(checkpointer: RunCheckpointer, step: int, mcfg, tcfg, batch_size: int,
-             seed: int) -> tuple[dict, dict]:
-  """Restores a state; its pytree depends on whether NT-ASGD averaging had started."""
+             seed: int, mesh, split_hidden: bool = True) -> tuple[dict, dict]:
+  """Restores a state onto ``mesh``; its pytree depends on whether NT-ASGD had started.
+
+  Every process reads the checkpoint: parameters, optimizer state and key replicated, the hidden
+  state split by rows (``split_hidden``; else replicated: evaluation only, any device count).
+  """
   meta = checkpointer.restore_meta(step)
   abstract = jax.eval_shape(functools.partial(_init_state, mcfg=mcfg, tcfg=tcfg,
                                               batch_size=batch_size), jax.random.key(seed))
   if meta['asgd']:
     abstract['train'] = abstract['train']._replace(avg_params=abstract['train'].params)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+  rep = parallel.replicated(mesh)
+  template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
                           abstract)
+  if split_hidden:
+    template['hidden'] = jax.ShapeDtypeStruct(abstract['hidden'].shape, abstract['hidden'].dtype,
+                                              sharding=parallel.batch_sharding(mesh))
   template['rng'] = jax.random.key(seed)  # a concrete key: restored as a typed key
   state, meta = checkpointer.restore(step, template)
-  return jax.device_put(state), meta
+  # parallel.replicate: in a multi-process run, device_put refuses the restored (host-local) key
+  # for a sharding over other processes' devices; it moves the key data instead.
+  return dict(state, rng=parallel.replicate(state['rng'], mesh)), meta
 
 
 def _drop_checkpoints_after(checkpointer: RunCheckpointer, step: int) -> None:
@@ -336,13 +392,15 @@ def _drop_checkpoints_after(checkpointer: RunCheckpointer, step: int) -> None:
 
 
 def evaluate_split(params, ids: np.ndarray, batch_size: int, bptt: int,
-                   mcfg: model_lib.LMConfig) -> dict[str, float]:
+                   mcfg: model_lib.LMConfig, mesh=None) -> dict[str, float]:
   """Mean NLL and perplexity of a token stream ``int[N]`` at ``batch_size`` columns.
 
-  As the reference's ``evaluate``: windows of ``bptt``, hidden state carried, no dropout.
+  As the reference's ``evaluate``: windows of ``bptt``, hidden state carried, no dropout. With a
+  ``mesh`` (``params`` replicated on it) the columns are split over its devices when they
+  divide (``train.evaluate``).
   """
   return train_lib.evaluate(params, text.batchify(ids, batch_size), batch_size, bptt,
-                            model_config=mcfg)
+                            model_config=mcfg, mesh=mesh)
 
 
 # -- run directory --------------------------------------------------------------------------------
@@ -428,13 +486,16 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """
   cfg = resolve_config(config)
   text.find_split_files(data_dir(cfg))
+  mesh = data_mesh(int(cfg.train.batch_size))
   os.makedirs(workdir, exist_ok=True)
-  _check_workdir_config(workdir, cfg, write=True)
+  _check_workdir_config(workdir, cfg, write=parallel.is_primary())
   start_time = time.time()
 
   # -- data and program --------------------------------------------------------------------------
+  # Every process reads the whole corpus and feeds its own columns of each training window.
   corpus, train_data = load_data(cfg)
   rows, batch = train_data.shape
+  host_train = np.ascontiguousarray(train_data[:, parallel.host_batch_slice(batch, mesh)])
   mcfg, tcfg = model_config(cfg, corpus.vocab_size), train_config(cfg)
   space, arch = build_arch(cfg)
   epochs, bptt = int(cfg.train.epochs), int(cfg.train.bptt)
@@ -454,15 +515,18 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   # -- state: own checkpoint, else fresh from the seed (checkpointed as step 0) -------------------
   latest = checkpointer.latest_step()
+  finished_before = os.path.exists(metrics_path)
+  # Every process has seen the checkpoints and metrics.json before the primary writes.
+  parallel.sync_processes('train_and_evaluate: run directory read')
   if latest is not None:
-    state, meta = _restore(checkpointer, latest, mcfg, tcfg, batch, cfg.seed)
+    state, meta = _restore(checkpointer, latest, mcfg, tcfg, batch, cfg.seed, mesh)
     if (meta['train_rows'], meta['batch_size']) != (rows, batch):
       raise ValueError(f'{workdir}: the checkpoint was written for {meta["train_rows"]} rows of '
                        f'batch {meta["batch_size"]}, the data now give {rows} rows of {batch}: '
                        'not the same data')
     logging.info('resuming %s from step %d (epoch %d, window %d)', workdir, meta['step'],
                  meta['epoch'] + 1, meta['window'])
-    if meta['epoch'] >= epochs and os.path.exists(metrics_path):
+    if meta['epoch'] >= epochs and finished_before:
       with open(metrics_path, encoding='utf-8') as f:
         logging.info('%s has finished already; metrics.json is unchanged', workdir)
         checkpointer.close()
@@ -470,12 +534,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         writer.close()
         return json.load(f)
   else:
-    state = _init_state(jax.random.key(cfg.seed), mcfg, tcfg, batch)
+    state = _fresh_state(cfg.seed, mcfg, tcfg, batch, mesh)
     meta = fresh_meta()
-    checkpointer.save(0, state, meta)
-  logging.info('%s (%s): %d parameters, vocabulary %d, %d training rows of batch %d, %d epochs, '
-               'schedule %s lr %g', cfg.arch or 'arch_string', space.format(arch), num_params,
-               corpus.vocab_size, rows, batch, epochs, cfg.train.schedule, cfg.train.lr)
+    checkpointer.save(0, _savable(state, mesh), meta)
+  logging.info('%s (%s): %d parameters, vocabulary %d, %d training rows of batch %d on %d '
+               'device(s), %d epochs, schedule %s lr %g', cfg.arch or 'arch_string',
+               space.format(arch), num_params, corpus.vocab_size, rows, batch, mesh.size, epochs,
+               cfg.train.schedule, cfg.train.lr)
   wall_before = float(meta['wall_s'])
   max_steps = int(cfg.train.max_steps)
   ckpt_every = int(cfg.checkpoint_every_steps)
@@ -492,7 +557,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     # A step saved before a kill (best-valid state, then killed before the epoch checkpoint) is
     # written again by the replay: replace it.
     _drop_checkpoints_after(target, meta['step'] - 1)
-    target.save(meta['step'], state, meta)
+    target.save(meta['step'], _savable(state, mesh), meta)
 
   def flush(pending: list, meta: dict, epoch_len: int) -> None:
     """Fetches step metrics, stops on non-finite ones, logs progress and TensorBoard scalars."""
@@ -539,7 +604,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     """Validation, NT-ASGD switch, best-valid state, epoch checkpoint (spec §6.8)."""
     epoch = meta['epoch']
     params = train_lib.eval_params(state['train'])
-    valid = evaluate_split(params, corpus.valid, cfg.train.eval_batch_size, bptt, mcfg)
+    valid = evaluate_split(params, corpus.valid, cfg.train.eval_batch_size, bptt, mcfg, mesh)
     if not np.isfinite(valid['nll']):
       raise _Diverged(f'valid loss {valid["nll"]} after epoch {epoch + 1}')
     writer.scalar('valid/nll', valid['nll'], meta['step'])
@@ -559,7 +624,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       meta.update(asgd=True, asgd_start_epoch=epoch + 1)
     meta['valid_history'] = history + [valid['nll']]
     # The next epoch starts from a zero hidden state (as the reference's train()).
-    state = dict(state, hidden=model_lib.init_hidden(batch, mcfg))
+    state = dict(state, hidden=_zero_hidden(batch, mcfg, mesh))
     if improved:
       save(best_checkpointer, state, meta)
     save(checkpointer, state, meta)
@@ -579,8 +644,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         if max_steps and meta['step'] >= max_steps:
           break
         start, seq_len, seq_scale = windows[w]
-        inputs, targets, length = train_lib.pad_window(*text.get_batch(train_data, start,
+        inputs, targets, length = train_lib.pad_window(*text.get_batch(host_train, start,
                                                                        seq_len), pad)
+        inputs, targets = parallel.global_batch((inputs, targets), mesh, axis=1)
         train_state, hidden, metrics = train_lib.train_step(
             train_state, inputs, targets, hidden, jax.random.fold_in(step_key, meta['step']),
             np.float32(seq_scale * lr_factor), length, model_config=mcfg, train_config=tcfg)
@@ -635,7 +701,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
               f'training diverged ({e}) after {rollbacks - 1} rollback(s) (train.max_rollbacks = '
               f'{cfg.train.max_rollbacks}); the last good checkpoint is '
               f'{_ckpt_name(target, good)}; lower train.lr or check the data') from None
-        state, meta = _restore(target, good, mcfg, tcfg, batch, cfg.seed)
+        state, meta = _restore(target, good, mcfg, tcfg, batch, cfg.seed, mesh)
         if target is best_checkpointer:
           _drop_checkpoints_after(checkpointer, good)
         logging.warning('training diverged (%s): rollback %d of at most %d to %s (epoch %d, '
@@ -660,10 +726,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
     # -- final evaluation of the best-valid state ------------------------------------------------
     best_step = best_checkpointer.latest_step()
-    best_state, best_meta = _restore(best_checkpointer, best_step, mcfg, tcfg, batch, cfg.seed)
+    best_state, best_meta = _restore(best_checkpointer, best_step, mcfg, tcfg, batch, cfg.seed,
+                                     mesh)
     params = train_lib.eval_params(best_state['train'])
-    valid = evaluate_split(params, corpus.valid, cfg.train.eval_batch_size, bptt, mcfg)
-    test = (evaluate_split(params, corpus.test, cfg.train.test_batch_size, bptt, mcfg)
+    valid = evaluate_split(params, corpus.valid, cfg.train.eval_batch_size, bptt, mcfg, mesh)
+    test = (evaluate_split(params, corpus.test, cfg.train.test_batch_size, bptt, mcfg, mesh)
             if cfg.evaluate_test else {'nll': None, 'ppl': None})
     for split, values in (('valid', valid), ('test', test)):
       if values['nll'] is not None:
@@ -681,7 +748,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       'test_batch_size': cfg.train.test_batch_size, 'vocab_size': corpus.vocab_size,
       'wall_s': wall_before + time.time() - start_time, 'config': cfg.to_dict(),
   })
-  _write_json(metrics_path, result)
+  if parallel.is_primary():
+    _write_json(metrics_path, result)
   logging.info('%s: best valid ppl %.2f (epoch %d), test ppl %s', workdir, valid['ppl'],
                best_meta['best_epoch'],
                f'{test["ppl"]:.2f}' if test['ppl'] is not None else 'not evaluated')
@@ -729,18 +797,23 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None,
       raise ValueError(f'no {which} checkpoint of step {step} in {workdir}; there are {steps}')
     corpus, train_data = load_data(cfg)
     mcfg, tcfg = model_config(cfg, corpus.vocab_size), train_config(cfg)
-    state, meta = _restore(checkpointer, step, mcfg, tcfg, train_data.shape[1], cfg.seed)
+    # Scoring needs no training batch split: the hidden state is restored replicated, so any
+    # device count can score a checkpoint.
+    mesh = parallel.data_mesh()
+    state, meta = _restore(checkpointer, step, mcfg, tcfg, train_data.shape[1], cfg.seed, mesh,
+                           split_hidden=False)
   finally:
     checkpointer.close()
   params = train_lib.eval_params(state['train'])
   bptt = int(cfg.train.bptt)
-  valid = evaluate_split(params, corpus.valid, cfg.train.eval_batch_size, bptt, mcfg)
-  test = evaluate_split(params, corpus.test, cfg.train.test_batch_size, bptt, mcfg)
+  valid = evaluate_split(params, corpus.valid, cfg.train.eval_batch_size, bptt, mcfg, mesh)
+  test = evaluate_split(params, corpus.test, cfg.train.test_batch_size, bptt, mcfg, mesh)
   space, arch = build_arch(cfg)
   result = {'valid_nll': valid['nll'], 'valid_ppl': valid['ppl'], 'test_nll': test['nll'],
             'test_ppl': test['ppl'], 'step': step, 'epoch': meta['epoch'],
             'arch': space.format(arch), 'space': space.name, 'which': which}
-  _write_json(os.path.join(workdir, f'eval_{step}.json'), result)
+  if parallel.is_primary():
+    _write_json(os.path.join(workdir, f'eval_{step}.json'), result)
   logging.info('%s %s step %d: valid ppl %.2f, test ppl %.2f', workdir, which, step,
                valid['ppl'], test['ppl'])
   return result
@@ -748,4 +821,4 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None,
 
 __all__ = ['DivergenceError', 'default_config', 'resolve_config', 'build_arch', 'data_dir',
            'model_config', 'train_config', 'epoch_lr_factor', 'epoch_windows', 'load_data',
-           'evaluate_split', 'train_and_evaluate', 'evaluate_checkpoint']
+           'evaluate_split', 'data_mesh', 'train_and_evaluate', 'evaluate_checkpoint']

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from nao_jax import parallel
 from nao_jax.data import text
 from nao_jax.rnn import model as model_lib
 
@@ -217,20 +218,26 @@ def eval_step(params: Params, inputs: Array, targets: Array, hidden: Array,
 
 
 def evaluate(params: Params, data: np.ndarray, batch_size: int, bptt: int, *,
-             model_config: model_lib.LMConfig, arch: Array | None = None) -> dict[str, float]:
+             model_config: model_lib.LMConfig, arch: Array | None = None,
+             mesh: jax.sharding.Mesh | None = None) -> dict[str, float]:
   """Mean NLL and perplexity over a whole stream, hidden state carried across windows.
 
   Windows of ``bptt`` steps as the reference's ``evaluate``; the shorter last window is padded
   to ``bptt`` (one compilation).
 
   Args:
-    params: model parameters (e.g. ``eval_params(state)``).
+    params: model parameters (e.g. ``eval_params(state)``); replicated on ``mesh`` if one is
+      given.
     data: ``int[N]`` token stream (batchified here with ``nao_jax.data.text.batchify``) or an
       already batchified ``int[N // B, B]``.
     batch_size: number of columns ``B`` (reference: 10 valid, 1 test).
     bptt: window length.
     model_config: model structure.
     arch: supernet architecture, or None.
+    mesh: a data mesh (``parallel.data_mesh``, possibly over several processes, each passing
+      the whole ``data``): the ``B`` columns are split over its devices when ``B`` divides by
+      their count; otherwise (the test batch of 1) every device scores all of them. None: the
+      default device.
 
   Returns:
     ``{'nll': mean NLL per predicted token, 'ppl': exp(nll)}``.
@@ -242,13 +249,32 @@ def evaluate(params: Params, data: np.ndarray, batch_size: int, bptt: int, *,
     raise ValueError(f'data has {data.shape[1]} columns, batch_size is {batch_size}')
   rows = data.shape[0]
   hidden = model_lib.init_hidden(batch_size, model_config)
+  if mesh is None:
+    def place(inputs, targets, length):
+      return inputs, targets, length
+  elif batch_size % mesh.size == 0:
+    # This process feeds only its columns; windows and the carried state are split on 'data'.
+    data = data[:, parallel.host_batch_slice(batch_size, mesh)]
+    hidden = parallel.global_batch(
+        np.zeros((data.shape[1], model_config.hidden_size), np.float32), mesh)
+
+    def place(inputs, targets, length):
+      return (*parallel.global_batch((inputs, targets), mesh, axis=1),
+              parallel.replicate(length, mesh))
+  else:
+    hidden = parallel.replicate(np.asarray(hidden), mesh)
+
+    def place(inputs, targets, length):
+      return parallel.replicate((inputs, targets, length), mesh)
   sums = []  # device scalars: no host sync per window; summed in float64 at the end
   for start, _, _ in text.iterate_bptt(rows, None, bptt):
     inputs, targets = text.get_batch(data, start, bptt)
     n = inputs.shape[0]
     pad = ((0, bptt - n), (0, 0))
-    nll, hidden = eval_step(params, np.pad(inputs, pad), np.pad(targets, pad), hidden,
-                            np.asarray(n, np.int32), arch, model_config=model_config)
+    inputs, targets, length = place(np.pad(inputs, pad), np.pad(targets, pad),
+                                    np.asarray(n, np.int32))
+    nll, hidden = eval_step(params, inputs, targets, hidden, length, arch,
+                            model_config=model_config)
     sums.append(nll)
   nll = math.fsum(float(v) for v in sums) / ((rows - 1) * batch_size)
   return {'nll': nll, 'ppl': math.exp(nll)}
