@@ -36,7 +36,13 @@ def main() -> None:
   parser.add_argument('--primitives', default='auto', choices=('library', 'shifts', 'auto'),
                       help="NetworkConfig.primitives: 'shifts' = depthwise convs as shifted "
                       'multiply-adds')
+  parser.add_argument('--keep_host_memory', action=argparse.BooleanOptionalAction, default=True,
+                      help='let glibc keep freed host memory (nao_jax/host_memory.py), as the '
+                      'launchers do')
   args = parser.parse_args()
+  if args.keep_host_memory:
+    from nao_jax import host_memory  # pylint: disable=import-outside-toplevel
+    host_memory.keep_freed_memory()
   if args.onednn:
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_use_onednn=true')
   # JAX reads XLA_FLAGS when its backend starts, so it is imported only now.
@@ -89,6 +95,7 @@ def main() -> None:
       'img_per_cpu_s': round(args.batch / step_cpu_s, 2), 'loss': float(metrics['loss']),
       'load_avg_before': round(load_before, 2), 'load_avg_after': round(os.getloadavg()[0], 2),
       'cpus': os.cpu_count(), 'onednn': args.onednn, 'primitives': args.primitives,
+      'keep_host_memory': args.keep_host_memory,
   }
   print(json.dumps(result))
 
