@@ -32,8 +32,9 @@ two loopback CPU processes only, never on GPUs or TPUs):
   time-major ``[T, B]`` windows are split on the batch axis 1; the ``ws_cnn`` evaluator with
   ``data_parallel``). The ``scratch_cnn`` evaluator spreads its candidates over the processes
   (candidate ``i`` on process ``i mod process_count``, each on one local device) and exchanges
-  the results with ``exchange_json``. The rest (controller training in a search, the tabular
-  evaluator) runs on one local device and is simply repeated by every process.
+  the results with ``exchange_json``. A search's controller trains data parallel over the mesh
+  when its minibatch splits evenly over all devices (``search/nao.py``), and proposes from a
+  local copy of its replicated parameters; the tabular evaluator is repeated by every process.
 
 Checked (``tests/test_distributed.py``): ``train_cifar`` and ``train_lm`` with 2 processes and
 one ``--workdir``, stopped by ``train.max_steps`` and rerun, resume from their checkpoints and end

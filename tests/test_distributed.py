@@ -593,3 +593,65 @@ def test_scratch_evaluator_spreads_candidates_over_two_processes(tmp_path):
       expected = json.load(f)
     assert result['resumed'] == expected['valid_accuracy']
   assert not [n for root, _, files in os.walk(shared) for n in files if '.tmp' in n]
+
+
+SEARCH_CHILD = textwrap.dedent('''
+    import sys
+    from absl import flags
+    from experiments import common
+    _WORKDIR = flags.DEFINE_string('workdir', None, 'run directory (shared by the processes)')
+    _TABLE = flags.DEFINE_string('table', None, 'synthetic NAS-Bench-201 table')
+    common.setup(common.parse_flags(sys.argv))
+
+    import jax
+    jax.config.update('jax_disable_most_optimizations', True)
+    from nao_jax.search import nao, run_search
+    from nao_jax.controller import ControllerConfig
+    from nao_jax import spaces
+
+    assert jax.device_count() == 2, jax.devices()
+    cfg = ControllerConfig.for_space(spaces.NB201_SPACE, hidden_size=16, mlp_layers=1,
+                                     mlp_hidden=16, batch_size=20)
+    assert nao._controller_mesh(cfg).size == 2  # the controller trains data parallel
+    run_search({'space': 'nb201', 'evaluator': 'tabular', 'table': _TABLE.value,
+                'searcher': 'nao', 'seed': 0, 'budget': 24, 'log_every': 1000,
+                'nao': {'seed_pool_size': 8, 'top_k': 4, 'num_new': 4, 'eta_max': 6.0,
+                        'eta_chunk': 3, 'pool_policy': 'keep_all', 'unlabeled': 6},
+                'controller': {'epochs': 10, 'hidden_size': 16, 'mlp_layers': 1,
+                               'mlp_hidden': 16, 'batch_size': 20}}, _WORKDIR.value)
+    print('done', jax.process_index(), flush=True)
+''')
+
+
+def test_nao_search_trains_its_controller_over_two_processes_as_one(tmp_path):
+  """A tabular NAO search whose controller is data parallel over 2 processes x 1 device writes
+  the same history and result as 1 process x 2 devices (two partial sums: the same floats)."""
+  import itertools  # pylint: disable=import-outside-toplevel
+  from nao_jax import spaces  # pylint: disable=import-outside-toplevel
+  space = spaces.NB201_SPACE
+  table = tmp_path / 'table.csv'
+  with open(table, 'w') as f:
+    f.write('arch_str,valid_accuracy\n')
+    for arch in itertools.product(range(5), repeat=6):
+      f.write(f'{space.format(np.asarray(arch))},{80 + 2 * arch.count(3) + 0.1 * arch[0]:.4f}\n')
+  child = tmp_path / 'search_child.py'
+  child.write_text(SEARCH_CHILD)
+  single, multi = tmp_path / 'single', tmp_path / 'multi'
+  _run_all([[sys.executable, str(child), f'--workdir={single}', f'--table={table}']], _env(2),
+           tmp_path)
+  port = _free_port()
+  _run_all([[sys.executable, str(child), f'--workdir={multi}', f'--table={table}', '--distributed',
+             f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}']
+            for i in range(2)], _env(1), tmp_path)
+
+  def read(workdir):
+    with open(workdir / 'history.jsonl') as f:
+      history = [{k: v for k, v in json.loads(line).items() if k not in ('time', 'wall_s')}
+                 for line in f]
+    with open(workdir / 'results.json') as f:
+      results = {k: v for k, v in json.load(f).items() if k != 'wall_s'}
+    return history, results
+
+  history, results = read(single)
+  assert len(history) == 24 and any(r['source'] == 'nao' for r in history)
+  assert read(multi) == (history, results)

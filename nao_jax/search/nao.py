@@ -21,10 +21,10 @@ import time
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from nao_jax import metrics
+from nao_jax import parallel
 from nao_jax.checkpoint import RunCheckpointer
 from nao_jax.controller import (ControllerConfig, capacity_for, init_controller,
                                 normalize_targets, pad_pool, predict_in_chunks, propose,
@@ -120,8 +120,9 @@ def nao_search(run: SearchRun, cfg: NaoSearchConfig, controller_cfg: ControllerC
   capacity = capacity_for(max_pool + cfg.unlabeled, controller_cfg.batch_size)
   # Its own stream, so that the search's random architectures do not depend on this setting.
   unlabeled = space.sample(np.random.default_rng([seed, 1]), cfg.unlabeled)
-  swaps = jnp.asarray(space.swap_permutations())
-  template = {'controller': init_controller(controller_cfg, jax.random.key(seed)),
+  swaps = np.asarray(space.swap_permutations(), np.int32)
+  mesh = _controller_mesh(controller_cfg)
+  template = {'controller': _place(init_controller(controller_cfg, jax.random.key(seed)), mesh),
               'key': jax.random.key(seed)}
   step = checkpointer.latest_step()
   if step is None:
@@ -161,14 +162,15 @@ def nao_search(run: SearchRun, cfg: NaoSearchConfig, controller_cfg: ControllerC
       epochs = cfg.warm_epochs
     controller, stats = _train_controller(state['controller'], controller_cfg, space, pool,
                                           targets, unlabeled, capacity, swaps, state['key'],
-                                          round_index, epochs)
+                                          round_index, epochs, mesh)
+    params = _local_copy(controller.params, mesh)
     seen = run.known_keys() if cfg.exclude == 'evaluated' else set()
     seen |= {space.canonical_key(a) for a in pool}
     quota = min(cfg.num_new, run.remaining)
-    proposal = propose(controller.params, controller_cfg, space, pool[:cfg.top_k], seen,
+    proposal = propose(params, controller_cfg, space, pool[:cfg.top_k], seen,
                        int(np.ceil(quota * cfg.candidates_per_new)), cfg.eta_max, direction,
                        cfg.eta_step, cfg.eta_chunk, seed_capacity=cfg.top_k)
-    new = _best_predicted(controller.params, controller_cfg, space, proposal.archs, quota,
+    new = _best_predicted(params, controller_cfg, space, proposal.archs, quota,
                           direction)
     n_proposed = len(new)
     randoms = _random_archs(cfg, run, rng, seen | {space.canonical_key(a) for a in new},
@@ -180,7 +182,7 @@ def nao_search(run: SearchRun, cfg: NaoSearchConfig, controller_cfg: ControllerC
         run.query(randoms, round_index, 'random')
     else:
       run.reserve(new + randoms)
-    predicted = predict_in_chunks(controller.params, controller_cfg, space.to_tokens(pool))
+    predicted = predict_in_chunks(params, controller_cfg, space.to_tokens(pool))
     logging.info('round %d: controller loss %.4f (mse %.4f, ce %.4f), pool pairwise acc %.3f; '
                  'proposed %d (eta <= %g), random %d; best %.4f; %.1fs', round_index,
                  stats['loss'], stats['mse'], stats['ce'],
@@ -215,25 +217,57 @@ def _random_archs(cfg: NaoSearchConfig, run: SearchRun, rng: np.random.Generator
   return archs
 
 
+def _controller_mesh(cfg: ControllerConfig):
+  """A data mesh over every device of every process for the controller's minibatches.
+
+  ``None`` (one device) when there is a single device, or when ``cfg.batch_size`` does not split
+  evenly over the devices (then every device repeats the whole minibatch, as before).
+  """
+  if jax.device_count() == 1:
+    return None
+  if cfg.batch_size % jax.device_count():
+    logging.warning('controller.batch_size %d does not split over %d devices: the controller '
+                    'trains on one device per process', cfg.batch_size, jax.device_count())
+    return None
+  return parallel.data_mesh()
+
+
+def _place(tree, mesh):
+  """``tree`` replicated over ``mesh`` (unchanged without one)."""
+  return tree if mesh is None else parallel.replicate(tree, mesh)
+
+
+def _local_copy(tree, mesh):
+  """This process's copy of replicated arrays, for the single-device proposal programs."""
+  return tree if mesh is None else jax.tree.map(lambda x: x.addressable_data(0), tree)
+
+
 def _train_controller(controller, cfg: ControllerConfig, space, pool, targets, unlabeled,
-                      capacity, swaps, key, round_index, epochs):
+                      capacity, swaps, key, round_index, epochs, mesh=None):
   """Fresh or warm-started controller trained on the sorted pool; returns (state, stats).
 
   ``unlabeled`` architectures (``int32[M, L]``, possibly empty) join as rows with a NaN target,
-  which the loss counts for reconstruction only.
+  which the loss counts for reconstruction only. With a ``mesh`` every minibatch is split over
+  its devices (data parallel over all processes) and the controller stays replicated.
   """
   round_key = jax.random.fold_in(key, round_index)
   if round_index == 0 or not cfg.warm_start:
-    controller = init_controller(cfg, jax.random.fold_in(round_key, 0))
+    controller = _place(init_controller(cfg, jax.random.fold_in(round_key, 0)), mesh)
   elif not cfg.keep_optimizer_state:
     controller = reset_optimizer(cfg, controller)
   if len(unlabeled):
     pool = np.concatenate([pool, unlabeled])
     targets = np.concatenate([targets, np.full(len(unlabeled), np.nan, np.float32)])
   tokens, padded_targets, valid = pad_pool(space.to_tokens(pool), targets, capacity)
-  controller, stats = train_epochs(controller, cfg, tokens, padded_targets, valid, swaps,
-                                   jnp.int32(epochs), jax.random.fold_in(round_key, 1))
-  return controller, {k: float(v) for k, v in stats.items()}
+  arrays = (tokens, padded_targets, valid, swaps, np.int32(epochs))
+  if mesh is not None:
+    # Every process holds the same pool; device_put's cross-process equality check would
+    # refuse the NaN targets of unlabeled rows (NaN != NaN), so the copies are placed directly.
+    arrays = tuple(jax.make_array_from_process_local_data(parallel.replicated(mesh), np.asarray(a))
+                   for a in arrays)
+  key = _place(jax.random.fold_in(round_key, 1), mesh)
+  controller, stats = train_epochs(controller, cfg, *arrays, key, mesh=mesh)
+  return controller, {k: float(_local_copy(v, mesh)) for k, v in stats.items()}
 
 
 def _best_predicted(params, cfg: ControllerConfig, space, archs: np.ndarray, n: int,
