@@ -159,19 +159,18 @@ class Controller(nn.Module):
   def decode_teacher_forced(self, memory: Array, embedding: Array, decoder_inputs: Array,
                             train: bool = False) -> Array:
     """Logits ``float32[B, L, V]`` for the targets following ``decoder_inputs: int32[B, L]``."""
-    dropout = train and self.config.decoder_dropout > 0
-    if self.config.attention == 'luong' and not dropout:
+    cfg = self.config
+    embedded = lambda: self._dropout(jnp.take(self.dec_emb, decoder_inputs, axis=0),
+                                     cfg.decoder_dropout, train)
+    if cfg.attention == 'bahdanau':
+      return self._bahdanau_teacher_forced(embedded(), memory, embedding)
+    if train and cfg.decoder_dropout > 0:  # dropout acts on the embeddings: no folding
+      input_proj = jnp.swapaxes(embedded() @ self.dec_w_ih + self.dec_b, 0, 1)
+    else:
       table = (self.dec_emb @ self.dec_w_ih)[None]  # [1, V, 4H]
       input_proj = _folded_projection(decoder_inputs.T[..., None], table, self.dec_b)
-      outputs = self._run_lstm(input_proj, self.dec_w_hh, embedding, embedding)
-      return self._luong_logits(outputs, memory)
-    x = jnp.take(self.dec_emb, decoder_inputs, axis=0)
-    x = self._dropout(x, self.config.decoder_dropout, train)
-    if self.config.attention == 'luong':
-      input_proj = jnp.swapaxes(x @ self.dec_w_ih + self.dec_b, 0, 1)
-      outputs = self._run_lstm(input_proj, self.dec_w_hh, embedding, embedding)
-      return self._luong_logits(outputs, memory)
-    return self._bahdanau_teacher_forced(x, memory, embedding)
+    outputs = self._run_lstm(input_proj, self.dec_w_hh, embedding, embedding)
+    return self._luong_logits(outputs, memory)
 
   def decode_greedy(self, memory: Array, embedding: Array, mask_table: Array) -> Array:
     """Greedy decoding under ``mask_table: bool[L, V, V]`` (position, previous, next).
