@@ -29,6 +29,7 @@ import sys
 import textwrap
 import time
 import types
+from typing import Callable
 
 from absl import flags
 import jax
@@ -115,24 +116,34 @@ def _env(devices: int) -> dict:
   return env
 
 
-def _run_all(commands: list[list[str]], env: dict, tmp_path) -> list[str]:
-  """Runs the commands concurrently; all are killed if one fails or the time runs out."""
+def _run_all(commands: list[list[str]], env: dict, tmp_path,
+             kill_when: Callable[[], bool] | None = None) -> list[str]:
+  """Runs the commands concurrently; all are killed if one fails or the time runs out.
+
+  With ``kill_when``, every process is SIGKILLed as soon as it returns True (a preemption in
+  the middle of the run; exit codes are then not checked).
+  """
   logs = [open(tmp_path / f'log{i}.txt', 'w+') for i in range(len(commands))]
   procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
            for cmd, log in zip(commands, logs)]
   deadline = time.monotonic() + TIMEOUT_S
-  timed_out = False
+  timed_out = killed = False
   try:
     while True:
       codes = [p.poll() for p in procs]
       if all(c is not None for c in codes) or any(c not in (None, 0) for c in codes):
         break  # done, or one failed: the others would wait for it until their own timeouts
+      if kill_when is not None and kill_when():
+        killed = True
+        break
       if time.monotonic() > deadline:
         timed_out = True
         break
       time.sleep(0.2)
   finally:
     codes = [p.poll() for p in procs]  # before the kill: who failed by itself
+    if killed:
+      codes = [None] * len(procs)
     for p in procs:
       if p.poll() is None:
         p.kill()
@@ -604,6 +615,8 @@ SEARCH_CHILD = textwrap.dedent('''
     common.setup(common.parse_flags(sys.argv))
 
     import jax
+    from absl import logging
+    logging.set_verbosity(logging.INFO)  # the resume message
     jax.config.update('jax_disable_most_optimizations', True)
     from nao_jax.search import nao, run_search
     from nao_jax.controller import ControllerConfig
@@ -624,8 +637,9 @@ SEARCH_CHILD = textwrap.dedent('''
 
 
 def test_nao_search_trains_its_controller_over_two_processes_as_one(tmp_path):
-  """A tabular NAO search whose controller is data parallel over 2 processes x 1 device writes
-  the same history and result as 1 process x 2 devices (two partial sums: the same floats)."""
+  """A tabular NAO search whose controller is data parallel over 2 processes x 1 device, killed
+  (SIGKILL, both processes) after its first proposal round and rerun, writes the same history
+  and result as 1 process x 2 devices uninterrupted (two partial sums: the same floats)."""
   import itertools  # pylint: disable=import-outside-toplevel
   from nao_jax import spaces  # pylint: disable=import-outside-toplevel
   space = spaces.NB201_SPACE
@@ -639,10 +653,26 @@ def test_nao_search_trains_its_controller_over_two_processes_as_one(tmp_path):
   single, multi = tmp_path / 'single', tmp_path / 'multi'
   _run_all([[sys.executable, str(child), f'--workdir={single}', f'--table={table}']], _env(2),
            tmp_path)
-  port = _free_port()
-  _run_all([[sys.executable, str(child), f'--workdir={multi}', f'--table={table}', '--distributed',
-             f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}']
-            for i in range(2)], _env(1), tmp_path)
+
+  def queries(workdir) -> int:
+    try:
+      with open(workdir / 'history.jsonl', 'rb') as f:
+        return f.read().count(b'\n')
+    except FileNotFoundError:
+      return 0
+
+  def launch(**kwargs):
+    port = _free_port()
+    return _run_all([[sys.executable, str(child), f'--workdir={multi}', f'--table={table}',
+                      *_distributed(port, i)] for i in range(2)], _env(1), tmp_path, **kwargs)
+
+  # Seed pool of 8, then rounds of 4: killed once the first round's proposals are recorded.
+  launch(kill_when=lambda: queries(multi) >= 12)
+  assert 12 <= queries(multi) < 24, queries(multi)
+  assert not (multi / 'results.json').exists() or not json.loads(
+      (multi / 'results.json').read_text())['finished']
+  outputs = launch()
+  assert all('resuming the NAO search at round' in out for out in outputs), outputs[0][-4000:]
 
   def read(workdir):
     with open(workdir / 'history.jsonl') as f:
