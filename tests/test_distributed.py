@@ -344,6 +344,18 @@ def test_train_cifar_two_processes_share_a_workdir_and_resume(tmp_path):
     assert got[key] == expected[key], key
   assert (shared / 'config.json').read_text() == (reference / 'config.json').read_text()
 
+  # experiments.evaluate_cifar in the same 2 processes: the final checkpoint scores what the
+  # run reported, every process prints it, and only process 0 writes eval_12.json.
+  port = _free_port()
+  outputs = _run_all([[sys.executable, '-m', 'experiments.evaluate_cifar', f'--workdir={shared}',
+                       *_distributed(port, i)] for i in range(2)], env, tmp_path)
+  scored = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+  assert scored[0] == scored[1] == json.loads((shared / 'eval_12.json').read_text())
+  assert scored[0]['step'] == 12
+  for key in ('test_accuracy', 'test_loss', 'test_count'):
+    assert scored[0][key] == expected[key], key
+  _no_stray_files(shared, launches=2)
+
 
 # -- the language model: train_lm with one shared run directory ------------------------------------
 
@@ -427,6 +439,17 @@ def test_train_lm_two_processes_share_a_workdir_and_resume(tmp_path):
   for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
   assert (shared / 'config.json').read_text() == (reference / 'config.json').read_text()
+
+  # train_lm --evaluate in the same 2 processes: the best-valid state (epoch 2) scores the
+  # reported perplexities, every process prints them, only process 0 writes eval_<step>.json.
+  port = _free_port()
+  outputs = _run_all([[sys.executable, '-m', 'experiments.train_lm', f'--workdir={shared}',
+                       '--evaluate', *_distributed(port, i)] for i in range(2)], env, tmp_path)
+  scored = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+  assert scored[0] == scored[1]
+  assert scored[0] == json.loads((shared / f'eval_{scored[0]["step"]}.json').read_text())
+  assert (scored[0]['valid_nll'], scored[0]['test_nll']) == (got['valid_nll'], got['test_nll'])
+  _no_stray_files(shared, launches=2)
 
 
 def test_train_lm_refuses_a_batch_that_does_not_divide_over_the_devices(tmp_path, monkeypatch):
