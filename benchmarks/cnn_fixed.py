@@ -6,6 +6,10 @@ Prints one JSON object on its last line: ``compile_s`` (lowering + XLA compilati
 training step), ``train_img_per_s`` (batch / median step time after warm-up), ``params``
 (trainable, aux head included), ``img_per_cpu_s`` (batch / CPU seconds of a step, all threads:
 independent of other processes competing for the cores) and the load average around the run.
+Utilisation: ``step_gflop`` (the convolutions and matmuls of one training step, forward and
+backward, counted from its jaxpr), ``mfu`` (their FLOP/s over a 2048^3 float32 matmul's, measured
+in the same run) and ``img_per_s_at_matmul_peak`` (the throughput if every convolution ran at that
+matmul's rate and everything else took no time: an upper bound for this device).
 
 ``--onednn`` sets ``XLA_FLAGS=--xla_cpu_use_onednn=true`` before JAX starts. Off by default: on
 this 2-core EPYC it measured no faster (XLA:CPU still runs the convolutions through its YNNPACK
@@ -49,6 +53,7 @@ def main() -> None:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
+  from benchmarks import flops  # pylint: disable=import-outside-toplevel
   from nao_jax import spaces  # pylint: disable=import-outside-toplevel
   from nao_jax.cnn import network as network_lib  # pylint: disable=import-outside-toplevel
   from nao_jax.cnn import train as train_lib  # pylint: disable=import-outside-toplevel
@@ -69,6 +74,7 @@ def main() -> None:
   labels = jax.random.randint(jax.random.fold_in(key, 1), (args.batch,), 0, 10, jnp.int32)
   step = jnp.asarray(1000, jnp.int32)  # drop-path schedule well under way
 
+  step_flops = flops.jaxpr_flops(jax.make_jaxpr(step_fn)(state, images, labels, key, step))
   start = time.perf_counter()
   compiled = step_fn.lower(state, images, labels, key, step).compile()
   compile_s = time.perf_counter() - start
@@ -86,6 +92,7 @@ def main() -> None:
       cpu_times.append(cpu)
   step_s = statistics.median(times)
   step_cpu_s = statistics.median(cpu_times)
+  peak = flops.matmul_flops_per_s()
   result = {
       'arch': args.arch, 'layers': args.layers, 'channels': args.channels, 'batch': args.batch,
       'params': params, 'compile_s': round(compile_s, 2), 'step_s': round(step_s, 3),
@@ -93,6 +100,9 @@ def main() -> None:
       # Wall time is inflated when other processes share the cores; CPU seconds (all threads)
       # per image say how much work a step is, whatever the load.
       'img_per_cpu_s': round(args.batch / step_cpu_s, 2), 'loss': float(metrics['loss']),
+      'step_gflop': round(step_flops / 1e9, 2), 'matmul_gflop_per_s': round(peak / 1e9, 1),
+      'mfu': round(step_flops / step_s / peak, 3),
+      'img_per_s_at_matmul_peak': round(args.batch * peak / step_flops, 2),
       'load_avg_before': round(load_before, 2), 'load_avg_after': round(os.getloadavg()[0], 2),
       'cpus': os.cpu_count(), 'onednn': args.onednn, 'primitives': args.primitives,
       'keep_host_memory': args.keep_host_memory,

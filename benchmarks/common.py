@@ -1,33 +1,19 @@
-"""Shared helpers of the benchmarks: the matmul peak and the JSON result line."""
+"""Shared helpers of the benchmarks: the matmul peak (``benchmarks.flops``), the machine and the
+JSON result line."""
 
 from __future__ import annotations
 
 import json
 import os
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.flops import matmul_flops_per_s  # pylint: disable=unused-import
 from nao_jax import host_memory
 
 # Every benchmark runs with freed host memory kept for reuse, as the launchers do by default.
 KEEP_HOST_MEMORY = host_memory.keep_freed_memory()
-
-
-def matmul_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
-  """FLOP/s of a large float32 matmul on the default device (best of ``repeats``)."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  matmul = jax.jit(lambda x, y: x @ y)
-  matmul(a, b).block_until_ready()
-  best = float('inf')
-  for _ in range(repeats):
-    start = time.perf_counter()
-    matmul(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2.0 * n ** 3 / best
 
 
 def machine() -> dict:

@@ -52,7 +52,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -135,6 +135,40 @@ def exchange_json(value: Any, timeout_s: float = 7 * 24 * 3600) -> list[Any]:
   timeout_ms = int(timeout_s * 1000)
   return [json.loads(client.blocking_key_value_get(prefix + str(p), timeout_ms))
           for p in range(jax.process_count())]
+
+
+def spread_over_processes(items: Sequence[Any], work: Callable[[list], list]) -> list:
+  """Independent work items spread over the processes; every process returns all results.
+
+  Item ``i`` goes to process ``i mod process_count``: each process calls ``work`` once on its
+  share (in item order) and must get back one JSON-serialisable result per item; the results are
+  then exchanged (``exchange_json``) and returned in item order, the same list on every process.
+  In one process this is ``work(list(items))``. Every process must call this with the same items.
+
+  Raises:
+    RuntimeError: another process's ``work`` raised (named; its own log has the traceback). The
+      process whose ``work`` raised re-raises its own exception after telling the others.
+  """
+  items = list(items)
+  count, me = jax.process_count(), jax.process_index()
+  if count == 1 or not items:
+    return work(items)
+  try:
+    local, error = work(items[me::count]), None
+  except Exception as e:  # pylint: disable=broad-except
+    # The other processes wait for this one's results below: tell them, then raise here.
+    local, error = None, e
+  parts = exchange_json({'failed': None if error is None else repr(error), 'results': local})
+  if error is not None:
+    raise error
+  results: list[Any] = [None] * len(items)
+  for process, part in enumerate(parts):
+    if part['failed'] is not None:
+      raise RuntimeError(f'process {process} failed on its share of the work '
+                         f'({part["failed"]}); see its log')
+    for i, record in zip(range(process, len(items), count), part['results']):
+      results[i] = record
+  return results
 
 
 def data_mesh(devices: Any = None) -> Mesh:

@@ -516,10 +516,23 @@ SCRATCH_CHILD = textwrap.dedent('''
     assert train(stop_after_steps=3) is None
     assert os.listdir(os.path.join(folder, 'checkpoints')) == ['step_3']
     resumed = train()
+
+    # NAO-WS re-ranking spreads its finalists the same way; with the scratch recipe it trains
+    # each exactly as the scratch evaluator did (same seed, data, program).
+    from experiments.configs import nao_ws_cifar10
+    from nao_jax.cnn import ws_evaluator
+    ws_config = nao_ws_cifar10.get_config('tiny').to_dict()
+    ws_config['ws_cnn']['rerank'] = dict(scratch_evaluator.TF_NAO_SEARCH_RECIPE,
+                                         **config['scratch_cnn']['train'])
+    ws = ws_evaluator.from_config(dict(config, ws_cnn=ws_config['ws_cnn']),
+                                  os.path.join(_WORKDIR.value, 'ws'))
+    del trained[:]
+    reranked = ws.rerank(np.stack(archs))
     with open(_OUT.value, 'w') as f:
       json.dump({'process_count': jax.process_count(), 'archs': [WS_SPACE.format(a) for a in archs],
                  'first': first, 'again': again, 'trained': trained_first,
-                 'resumed': resumed['valid_accuracy']}, f)
+                 'resumed': resumed['valid_accuracy'], 'reranked': reranked,
+                 'rerank_trained': list(trained)}, f)
     print('done', jax.process_index(), flush=True)
 ''')
 
@@ -611,6 +624,11 @@ def test_scratch_evaluator_spreads_candidates_over_two_processes(tmp_path):
     return [{k: v for k, v in r.items() if k != 'cost'} for r in records]
 
   assert without_cost(multi[0]['first']) == without_cost(single['first'])
+  # Re-ranking: finalist i on process i mod 2, every score on both, the scratch evaluator's.
+  assert [m['rerank_trained'] for m in multi] == [[archs[0], archs[2]], [archs[1]]]
+  assert without_cost(multi[0]['reranked']) == without_cost(multi[1]['reranked'])
+  assert without_cost(multi[0]['reranked']) == without_cost(single['reranked'])
+  assert [r['score'] for r in single['reranked']] == [r['score'] for r in single['first']]
   assert all(0.0 <= r['score'] <= 1.0 and r['params'] > 0 for r in single['first'])
   for arch in archs:  # the shared result.json files, written once by the training process
     name = _candidate_folder(arch)

@@ -110,27 +110,7 @@ class ScratchEvaluator:
     all return every result.
     """
     archs = [self.space.validate(a) for a in archs]
-    count, me = jax.process_count(), jax.process_index()
-    if count == 1 or not archs:
-      return self._train_local(archs)
-    mine = list(range(me, len(archs), count))
-    try:
-      local, error = self._train_local([archs[i] for i in mine]), None
-    except Exception as e:  # pylint: disable=broad-except
-      # The other processes wait for this one's results below: tell them, then raise here.
-      local, error = None, e
-    parts = parallel.exchange_json({'failed': None if error is None else repr(error),
-                                    'results': local})
-    if error is not None:
-      raise error
-    results: list[dict | None] = [None] * len(archs)
-    for process, part in enumerate(parts):
-      if part['failed'] is not None:
-        raise RuntimeError(f'process {process} failed to train its candidates '
-                           f'({part["failed"]}); see its log')
-      for i, record in zip(range(process, len(archs), count), part['results']):
-        results[i] = record
-    return results  # type: ignore[return-value]
+    return parallel.spread_over_processes(archs, self._train_local)
 
   def _train_local(self, archs: list[np.ndarray]) -> list[dict]:
     """Trains ``archs`` on this process's devices, one per device at a time."""

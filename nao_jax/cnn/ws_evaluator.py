@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from nao_jax import parallel
 from nao_jax import preemption
 from nao_jax.checkpoint import RunCheckpointer
 from nao_jax.cnn import standalone
@@ -468,7 +469,10 @@ class WsCnnEvaluator(SupernetEvaluator):
     the fixed network (``standalone.train_candidate``; ``rerank_config``: N=3, C=20, drop-path
     keep 0.8, dropout keep 0.6, auxiliary head, cosine 0.025 -> 0.001 over 10 epochs) on the
     training split and scores it on the whole dev split. Each finalist trains in
-    ``<workdir>/rerank/<hash>`` (checkpoints every epoch, ``result.json`` when done).
+    ``<workdir>/rerank/<hash>`` (checkpoints every epoch, ``result.json`` when done). In a
+    multi-process run the finalists are spread over the processes (finalist ``i`` on process
+    ``i mod P``, alone, as the scratch evaluator's candidates) and every process gets every
+    score.
   * Progress lines (``log_every``) in the log and ``supernet/*`` scalars in ``<workdir>/tb``.
 
   Args:
@@ -580,20 +584,22 @@ class WsCnnEvaluator(SupernetEvaluator):
     Each record: ``score`` (dev accuracy after the last epoch, or the best one with
     ``rerank_config.score = 'best'``), ``valid_accuracy`` (per evaluation), ``params``,
     ``cost`` (training seconds). A finalist whose training finished before is not trained again;
-    one that was interrupted resumes from its newest checkpoint.
+    one that was interrupted resumes from its newest checkpoint (``LocalCheckpointer``: one
+    written by an older version, with Orbax, restarts from step 0). Every process must call
+    this with the same finalists; each trains its share (``parallel.spread_over_processes``).
     """
+    archs = [WS_SPACE.validate(a) for a in archs]
+    return parallel.spread_over_processes(
+        archs, lambda share: [self._rerank_one(arch) for arch in share])
+
+  def _rerank_one(self, arch: np.ndarray) -> dict:
     root = None if self.workdir is None else os.path.join(self.workdir, 'rerank')
-    records = []
-    for arch in archs:
-      arch = WS_SPACE.validate(arch)
-      text = WS_SPACE.format(arch)
-      result = standalone.train_candidate(
-          WS_SPACE, arch, self.rerank_config, self.data,
-          standalone.candidate_dir(root, WS_SPACE, arch), seed=self.config.seed,
-          tag=f'rerank {text}')
-      records.append({'score': result['score'], 'valid_accuracy': result['valid_accuracy'],
-                      'params': result['params'], 'cost': result['cost']})
-    return records
+    result = standalone.train_candidate(
+        WS_SPACE, arch, self.rerank_config, self.data,
+        standalone.candidate_dir(root, WS_SPACE, arch), seed=self.config.seed,
+        tag=f'rerank {WS_SPACE.format(arch)}', process_local=True)
+    return {'score': float(result['score']), 'valid_accuracy': result['valid_accuracy'],
+            'params': int(result['params']), 'cost': float(result['cost'])}
 
   def close(self) -> None:
     if self._checkpointer is not None:
