@@ -179,18 +179,22 @@ class SearchRun:
   def rerank(self, archs: Sequence[np.ndarray]) -> np.ndarray:
     """Re-scores the finalists with the evaluator's ``rerank`` (e.g. stand-alone training).
 
-    Each result is recorded (``kind='rerank'``) as soon as it is known and reused on a rerun;
-    the best finalist becomes the run's result.
+    The finalists not re-scored before go to the evaluator in one call (so that it can spread
+    them over processes); each result is recorded (``kind='rerank'``) and reused on a rerun,
+    and the best finalist becomes the run's result. A kill during the call loses no finished
+    training: the evaluator keeps each finalist's result in the run directory.
     """
     done = {r['arch']: r for r in self.history if r.get('kind') == 'rerank'}
-    records = []
+    todo = {}
     for arch in archs:
-      text = self.space.format(arch)
-      if text not in done:
-        result = self.evaluator.rerank(np.asarray(arch)[None])[0]
+      todo.setdefault(self.space.format(arch), np.asarray(arch))
+    todo = {text: arch for text, arch in todo.items() if text not in done}
+    if todo:
+      results = self.evaluator.rerank(np.stack(list(todo.values())))
+      for text, result in zip(todo, results):
         done[text] = dict(result, kind='rerank', arch=text)
         self.history.append(done[text])
-      records.append(done[text])
+    records = [done[self.space.format(arch)] for arch in archs]
     self.best_record = max(records, key=self._rank)
     return np.asarray([r['score'] for r in records], np.float64)
 
