@@ -29,22 +29,24 @@ two loopback CPU processes only, never on GPUs or TPUs):
   process calls save and restore, and the replicated arrays are written once;
 * the data-parallel code paths put their batches on a mesh over all processes' devices
   (``cnn/final.py``: ``train_cifar`` / ``evaluate_cifar``; ``rnn/lm.py``: ``train_lm``, whose
-  time-major ``[T, B]`` windows are split on the batch axis 1; the ``ws_cnn`` evaluator with
-  ``data_parallel``). The ``scratch_cnn`` evaluator spreads its candidates over the processes
-  (candidate ``i`` on process ``i mod process_count``, each on one local device) and exchanges
-  the results with ``exchange_json``. A search's controller trains data parallel over the mesh
-  when its minibatch splits evenly over all devices (``search/nao.py``), and proposes from a
-  local copy of its replicated parameters; the tabular evaluator is repeated by every process.
+  time-major ``[T, B]`` windows are split on the batch axis 1, as the ``ws_rnn`` evaluator's;
+  the ``ws_cnn`` evaluator with ``data_parallel``). The ``scratch_cnn`` evaluator and NAO-WS re-ranking spread their
+  candidates over the processes (candidate ``i`` on process ``i mod process_count``, each on one
+  local device; ``spread_over_processes``) and exchange the results with ``exchange_json``. A
+  search's controller trains data parallel over the mesh when its minibatch splits evenly over
+  all devices (``search/nao.py``), and proposes from a local copy of its replicated parameters;
+  the tabular evaluator is repeated by every process.
 
-Checked (``tests/test_distributed.py``): ``train_cifar`` and ``train_lm`` with 2 processes and
-one ``--workdir``, stopped by ``train.max_steps`` and rerun, resume from their checkpoints and end
-with the same metrics (equal floats) as one process with the same 2 devices; the ``scratch_cnn``
-evaluator in 2 processes returns the results of one process, trains each candidate once and
-resumes one from the checkpoint its process wrote alone. Reported earlier, with no test in that
-file: a tabular NAO ``search`` with 2 processes (also extended from a smaller budget) writes the
-same ``history.jsonl`` and ``results.json`` as one process. Not run with several processes:
-the ``ws_cnn`` / ``ws_rnn`` evaluators' supernet resume, the ``ws_cnn`` re-ranking
-(``standalone.train_candidate`` repeated by every process) and ``evaluate_cifar``.
+Checked (``tests/test_distributed.py``, 2 loopback processes against one process with the same 2
+devices, equal floats): ``train_cifar`` and ``train_lm`` sharing one ``--workdir``, stopped by
+``train.max_steps`` and rerun, resume and end with the same metrics, and ``evaluate_cifar`` /
+``train_lm --evaluate`` then score the run as training reported; the ``scratch_cnn`` evaluator
+and ``ws_cnn`` re-ranking train each candidate once, on its process, and return every result;
+a tabular NAO ``search`` SIGKILLed after its first round and rerun; a toy NAO-WS CNN ``search``
+(supernet training, pool scoring, controller). ``tests/test_distributed_rnn.py``: a toy NAO-WS
+RNN ``search`` (the ``ws_rnn`` supernet's columns split over the mesh) killed after a mid-epoch
+supernet checkpoint and rerun. Not run with several processes: the CNN supernet's resume after a
+kill (the RNN one's is).
 """
 
 from __future__ import annotations
@@ -213,6 +215,28 @@ def check_batch_size(global_batch: int, mesh: Mesh) -> None:
   if global_batch % mesh.size:
     raise ValueError(f'global batch {global_batch} is not divisible by the {mesh.size} devices '
                      f'of the data mesh')
+
+
+def column_mesh(batch_size: int, config_key: str) -> Mesh:
+  """The data mesh over every device of every process, for ``batch_size`` columns split over it.
+
+  Raises:
+    ValueError: ``batch_size`` (the config value ``config_key``) does not divide by the device
+      count; every device trains an equal share of the columns.
+  """
+  mesh = data_mesh()
+  if batch_size % mesh.size:
+    raise ValueError(f'{config_key} = {batch_size} does not divide over the {mesh.size} '
+                     f'devices of the data mesh ({jax.process_count()} process(es)); every '
+                     f'device trains an equal share of the columns: use a multiple of '
+                     f'{mesh.size}')
+  return mesh
+
+
+def split_zeros(rows: int, width: int, mesh: Mesh) -> jax.Array:
+  """``float32[rows, width]`` zeros split over ``mesh`` by rows (each process makes its own)."""
+  mine = host_batch_slice(rows, mesh)
+  return global_batch(np.zeros((mine.stop - mine.start, width), np.float32), mesh)
 
 
 def host_batch_slice(global_batch: int, mesh: Mesh) -> slice:

@@ -307,18 +307,8 @@ def load_data(cfg) -> tuple[text.Corpus, np.ndarray]:
 
 
 def data_mesh(batch_size: int) -> jax.sharding.Mesh:
-  """The data mesh over every device of every process; ``batch_size`` columns split over it.
-
-  Raises:
-    ValueError: ``batch_size`` (``train.batch_size``) does not divide by the device count.
-  """
-  mesh = parallel.data_mesh()
-  if batch_size % mesh.size:
-    raise ValueError(f'train.batch_size = {batch_size} does not divide over the {mesh.size} '
-                     f'devices of the data mesh ({jax.process_count()} process(es)); every '
-                     f'device trains an equal share of the columns: use a multiple of '
-                     f'{mesh.size}')
-  return mesh
+  """The data mesh for ``train.batch_size`` columns (``parallel.column_mesh``)."""
+  return parallel.column_mesh(batch_size, 'train.batch_size')
 
 
 def _init_state(key: jax.Array, mcfg: model_lib.LMConfig, tcfg: train_lib.TrainConfig,
@@ -330,9 +320,7 @@ def _init_state(key: jax.Array, mcfg: model_lib.LMConfig, tcfg: train_lib.TrainC
 
 def _zero_hidden(batch_size: int, mcfg: model_lib.LMConfig, mesh) -> jax.Array:
   """``float32[B, H]`` zeros split over ``mesh`` by rows (each process makes its own rows)."""
-  rows = parallel.host_batch_slice(batch_size, mesh)
-  return parallel.global_batch(
-      np.zeros((rows.stop - rows.start, mcfg.hidden_size), np.float32), mesh)
+  return parallel.split_zeros(batch_size, mcfg.hidden_size, mesh)
 
 
 def _fresh_state(seed: int, mcfg, tcfg, batch_size: int, mesh) -> dict:

@@ -38,6 +38,16 @@ the architecture of step ``s`` from ``default_rng([seed, 2, s])`` and its dropou
 ``fold_in(key, s)``, so a new evaluator on the same workdir continues exactly where a killed one
 stopped. ``start_round`` is idempotent: a round already trained trains nothing; the round in
 progress trains only its remaining steps (the pool must be the same).
+
+Devices: data parallel over every device of every process (``parallel.data_mesh()``), as
+``nao_jax.rnn.lm``. Parameters, optimizer state and key are replicated; the ``batch_size``
+training columns are split over the devices (each process feeds only its columns of every
+``[T, B]`` window, and the carried hidden state ``[B, H]`` is split by rows), so ``batch_size``
+must divide by the device count (a ``ValueError`` before the corpus is read). The
+``score_batch_size`` validation columns are split the same way when they divide, else every
+device scores all of them; either way every process gets the same scores. Every process samples
+the same architectures and windows from the seed, saves and restores the (collective) Orbax
+checkpoints, whose hidden state is gathered first; only the primary writes TensorBoard.
 """
 
 from __future__ import annotations
@@ -56,6 +66,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nao_jax import parallel
 from nao_jax.checkpoint import RunCheckpointer
 from nao_jax.data import text
 from nao_jax.progress import ScalarWriter
@@ -181,11 +192,12 @@ def score_archs(params: dict, archs: Array, starts: Array, count: Array, valid: 
   skipped by a ``cond``. The architecture is data: one compilation per (capacity, windows).
 
   Args:
-    params: supernet parameters.
+    params: supernet parameters (on one device, or replicated over a data mesh).
     archs: ``int32[P, 11, 2]``.
     starts: ``int32[P, W]`` first row of each architecture's windows.
     count: ``int32[]`` number of real entries.
-    valid: ``int32[R, B]`` the batchified validation stream.
+    valid: ``int32[R, B]`` the batchified validation stream; its columns may be split over a
+      data mesh (the program follows that sharding and all-reduces each window's mean).
     model_config: the supernet structure.
     bptt: window length (``starts + bptt + 1 <= R``).
 
@@ -212,14 +224,47 @@ def score_archs(params: dict, archs: Array, starts: Array, count: Array, valid: 
   return jax.lax.map(one, (jnp.arange(archs.shape[0]), archs, starts))
 
 
+def _place_columns(data: np.ndarray, mesh: jax.sharding.Mesh) -> Array:
+  """The batchified validation stream ``int32[R, B]`` on ``mesh``.
+
+  Its ``B`` columns are split over the devices when they divide (each process places only its
+  own), else replicated (every device scores all columns).
+  """
+  data = np.asarray(data, np.int32)
+  batch = data.shape[1]
+  if batch % mesh.size:
+    return parallel.replicate(data, mesh)
+  return parallel.global_batch(data[:, parallel.host_batch_slice(batch, mesh)], mesh, axis=1)
+
+
 def _digest(archs: np.ndarray) -> str:
   return hashlib.sha1(np.ascontiguousarray(archs, np.int32).tobytes()).hexdigest()
 
 
-def _init_state(key: Array, mcfg: model_lib.LMConfig, tcfg: train_lib.TrainConfig,
-                batch_size: int) -> dict:
-  return {'train': train_lib.init_train_state(model_lib.init_params(key, mcfg), tcfg),
-          'hidden': model_lib.init_hidden(batch_size, mcfg), 'rng': key}
+def data_mesh(batch_size: int) -> jax.sharding.Mesh:
+  """The data mesh for ``ws_rnn.batch_size`` columns (``parallel.column_mesh``)."""
+  return parallel.column_mesh(batch_size, 'ws_rnn.batch_size')
+
+
+def _fresh_state(seed: int, mcfg: model_lib.LMConfig, tcfg: train_lib.TrainConfig,
+                 batch_size: int, mesh: jax.sharding.Mesh) -> dict:
+  """The initial state on ``mesh``: parameters, optimizer state and key replicated, hidden split.
+
+  Every process initialises from the same seed, so the replicated values agree.
+  """
+  key = jax.random.key(seed)
+  train = train_lib.init_train_state(model_lib.init_params(key, mcfg), tcfg)
+  return {'train': parallel.replicate(train, mesh), 'rng': parallel.replicate(key, mesh),
+          'hidden': parallel.split_zeros(batch_size, mcfg.hidden_size, mesh)}
+
+
+def _host_copy(x: Array, mesh: jax.sharding.Mesh) -> np.ndarray:
+  """``x`` as numpy on this host: gathered (a no-op when replicated), then the local copy.
+
+  A global array of a multi-process mesh cannot be read whole unless it is replicated; every
+  process then reads the same values.
+  """
+  return np.asarray(parallel.gather(x, mesh).addressable_data(0))
 
 
 class WsRnnEvaluator:
@@ -231,6 +276,11 @@ class WsRnnEvaluator:
     workdir: the search's run directory; supernet checkpoints go to ``<workdir>/supernet`` and
       TensorBoard scalars to ``<workdir>/tb/supernet``, and an existing checkpoint is restored
       here. None: no checkpoints, no scalars.
+    mesh: the data mesh (default ``data_mesh(config.batch_size)``: every device of every
+      process); ``config.batch_size`` must divide by its size.
+
+  Raises:
+    ValueError: ``batch_size`` does not divide over the mesh, or too little data.
   """
 
   space = RNN_WS_SPACE
@@ -238,8 +288,14 @@ class WsRnnEvaluator:
   score_name = 'valid_nll'
   stationary = False
 
-  def __init__(self, config: WsRnnConfig, corpus: text.Corpus, workdir: str | None = None):
+  def __init__(self, config: WsRnnConfig, corpus: text.Corpus, workdir: str | None = None,
+               mesh: jax.sharding.Mesh | None = None):
     self.config = cfg = config
+    if mesh is None:
+      mesh = data_mesh(cfg.batch_size)
+    else:
+      parallel.check_batch_size(cfg.batch_size, mesh)
+    self.mesh = mesh
     train_ids = corpus.train[:cfg.train_tokens] if cfg.train_tokens else corpus.train
     valid_ids = corpus.valid[:cfg.valid_tokens] if cfg.valid_tokens else corpus.valid
     self.train_data = text.batchify(train_ids, cfg.batch_size)
@@ -253,9 +309,13 @@ class WsRnnEvaluator:
                        f'{cfg.score_batch_size} columns')
     self.model_config = cfg.model_config(corpus.vocab_size)
     self.train_config = cfg.train_config()
-    self._valid = jnp.asarray(self.valid_data)
-    self._key = jax.random.key(cfg.seed)
-    self.state = _init_state(self._key, self.model_config, self.train_config, cfg.batch_size)
+    # Every process holds the whole corpus and feeds only its columns of each training window.
+    self._host_train = np.ascontiguousarray(
+        self.train_data[:, parallel.host_batch_slice(cfg.batch_size, mesh)])
+    self._valid = _place_columns(self.valid_data, mesh)
+    self.state = _fresh_state(cfg.seed, self.model_config, self.train_config, cfg.batch_size,
+                              mesh)
+    self._key = self.state['rng']
     self.step = 0
     self.epoch = 0
     self.window = 0                  # windows of `epoch` done
@@ -268,6 +328,10 @@ class WsRnnEvaluator:
     self.workdir = workdir
     self._checkpointer = None
     self._writer = None
+    logging.info('supernet: %d training rows of batch %d, scoring batch %d%s, on %d device(s) '
+                 'of %d process(es)', len(self.train_data), cfg.batch_size, cfg.score_batch_size,
+                 '' if cfg.score_batch_size % mesh.size == 0 else ' (not split)', mesh.size,
+                 jax.process_count())
     if workdir is not None:
       self._checkpointer = RunCheckpointer(workdir, max_to_keep=2, subdir='supernet')
       self._writer = ScalarWriter(os.path.join(workdir, 'tb', 'supernet'))
@@ -306,8 +370,7 @@ class WsRnnEvaluator:
         total_steps = (epoch - self.epoch) * len(windows) - self.window
         done_before = self.step
       if self.window == 0:
-        self.state = dict(self.state, hidden=model_lib.init_hidden(cfg.batch_size,
-                                                                   self.model_config))
+        self.state = dict(self.state, hidden=self._zero_hidden())
         self._prev_arch = None
       for w in range(self.window, len(windows)):
         start, seq_len, seq_scale = windows[w]
@@ -316,9 +379,12 @@ class WsRnnEvaluator:
         hidden = self.state['hidden']
         if (cfg.reset_hidden_on_arch_change and self._prev_arch is not None
             and not np.array_equal(arch, self._prev_arch)):
-          hidden = model_lib.init_hidden(cfg.batch_size, self.model_config)
+          hidden = self._zero_hidden()
         inputs, targets, length = train_lib.pad_window(
-            *text.get_batch(self.train_data, start, seq_len), cfg.pad_multiple)
+            *text.get_batch(self._host_train, start, seq_len), cfg.pad_multiple)
+        # This process's columns -> the global [T, B] window, split on 'data' like the hidden
+        # state; the step follows these shardings (parameters replicated, gradients all-reduced).
+        inputs, targets = parallel.global_batch((inputs, targets), self.mesh, axis=1)
         train_state, hidden, metrics = train_lib.train_step(
             self.state['train'], inputs, targets, hidden,
             jax.random.fold_in(self._key, self.step), np.float32(seq_scale), length, arch,
@@ -340,6 +406,9 @@ class WsRnnEvaluator:
           self.save()
       self.epoch, self.window = self.epoch + 1, 0
     self._flush(pending, tokens, started, 0, None)
+
+  def _zero_hidden(self) -> Array:
+    return parallel.split_zeros(self.config.batch_size, self.model_config.hidden_size, self.mesh)
 
   def _flush(self, pending: list, tokens: int, started: float, steps_left: int,
              arch_index: int | None) -> None:
@@ -429,7 +498,7 @@ class WsRnnEvaluator:
       rows = np.concatenate([rows, np.zeros((pad,) + rows.shape[1:], np.int32)])
       nll = score_archs(params, chunk, rows, np.int32(n), self._valid,
                         model_config=self.model_config, bptt=self.score_bptt)
-      out.append(np.asarray(nll, np.float64)[:n])
+      out.append(_host_copy(nll, self.mesh).astype(np.float64)[:n])
     return np.concatenate(out) if out else np.zeros((0,), np.float64)
 
   def evaluate(self, archs: Sequence[np.ndarray] | np.ndarray) -> list[dict]:
@@ -470,7 +539,9 @@ class WsRnnEvaluator:
       return
     if self._checkpointer.latest_step() == self.step:
       return  # the same position: the same state (deterministic)
-    self._checkpointer.save(self.step, self.state, self.meta())
+    # The row-split hidden state cannot be read on one host: saved gathered (replicated).
+    state = dict(self.state, hidden=parallel.gather(self.state['hidden'], self.mesh))
+    self._checkpointer.save(self.step, state, self.meta())
 
   def _load(self, step: int) -> None:
     meta = self._checkpointer.restore_meta(step)
@@ -480,9 +551,15 @@ class WsRnnEvaluator:
       raise ValueError(f'{self.workdir}/supernet holds a supernet of seed {meta["seed"]} with '
                        f'{meta["train_rows"]} rows of batch {meta["batch_size"]}; this config '
                        f'gives seed {cfg.seed}, {len(self.train_data)} rows of {cfg.batch_size}')
-    template = dict(self.state, rng=jax.random.key(cfg.seed))
+    # Restored onto the mesh with the shardings of the fresh state: parameters and optimizer
+    # state replicated, the hidden state split by rows (every process reads its rows).
+    template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            {'train': self.state['train'], 'hidden': self.state['hidden']})
+    template['rng'] = jax.random.key(cfg.seed)  # a concrete key: restored as a typed key
     state, meta = self._checkpointer.restore(step, template)
-    self.state = jax.device_put(state)
+    # parallel.replicate: in a multi-process run, device_put refuses the restored (host-local)
+    # key for a sharding over other processes' devices; it moves the key data instead.
+    self.state = dict(state, rng=parallel.replicate(state['rng'], self.mesh))
     self._key = self.state['rng']
     self.step, self.epoch, self.window = int(meta['step']), int(meta['epoch']), int(meta['window'])
     self._round, self._round_done = int(meta['round']), bool(meta['round_done'])
@@ -531,11 +608,17 @@ def corpus_dir(cfg: WsRnnConfig) -> str:
 
 
 def from_config(config: Mapping[str, Any], workdir: str | None = None) -> WsRnnEvaluator:
-  """The registry's builder: reads the corpus now, so a bad path fails before any work."""
+  """The registry's builder: reads the corpus now, so a bad path fails before any work.
+
+  Raises:
+    ValueError: a bad config, or ``ws_rnn.batch_size`` not divisible by the device count
+      (before the corpus is read).
+  """
   cfg = resolve_config(config)
+  mesh = data_mesh(cfg.batch_size)
   corpus = text.load_corpus(corpus_dir(cfg))
-  return WsRnnEvaluator(cfg, corpus, workdir)
+  return WsRnnEvaluator(cfg, corpus, workdir, mesh)
 
 
 __all__ = ['WsRnnConfig', 'WsRnnEvaluator', 'score_archs', 'resolve_config', 'from_config',
-           'SCORE_WINDOWS']
+           'data_mesh', 'SCORE_WINDOWS']
