@@ -18,7 +18,12 @@ resumed from the checkpoint, against one process with two devices.
 
 The train-from-scratch evaluator: 3 candidates spread over two processes (candidate ``i`` on
 process ``i mod 2``), every result on both, equal to one process; finished candidates are read,
-never retrained, and a candidate resumes from the checkpoint its process wrote alone.
+never retrained, and a candidate resumes from the checkpoint its process wrote alone. In the
+same children, NAO-WS re-ranking spreads its finalists the same way, and the toy CNN supernet
+trains a round and scores a pool data parallel over the 2 devices.
+
+The tabular NAO search: its controller data parallel over 2 processes, SIGKILLed after its first
+round and rerun, equal to one process uninterrupted.
 """
 
 import json
@@ -529,11 +534,17 @@ SCRATCH_CHILD = textwrap.dedent('''
                                   os.path.join(_WORKDIR.value, 'ws'))
     del trained[:]
     reranked = ws.rerank(np.stack(archs))
+    # The NAO-WS supernet on the data mesh of every process's devices: one round of training on
+    # a pool of 8 (each batch split over the devices), then the pool scored (split the same way).
+    assert ws.mesh is not None and ws.mesh.size == 2
+    pool = WS_SPACE.sample(np.random.default_rng(0), 8)
+    ws.start_round(pool, 0)
+    supernet = [r['score'] for r in ws.evaluate(pool)]
     with open(_OUT.value, 'w') as f:
       json.dump({'process_count': jax.process_count(), 'archs': [WS_SPACE.format(a) for a in archs],
                  'first': first, 'again': again, 'trained': trained_first,
                  'resumed': resumed['valid_accuracy'], 'reranked': reranked,
-                 'rerank_trained': list(trained)}, f)
+                 'rerank_trained': list(trained), 'supernet': supernet}, f)
     print('done', jax.process_index(), flush=True)
 ''')
 
@@ -630,6 +641,9 @@ def test_scratch_evaluator_spreads_candidates_over_two_processes(tmp_path):
   assert without_cost(multi[0]['reranked']) == without_cost(multi[1]['reranked'])
   assert without_cost(multi[0]['reranked']) == without_cost(single['reranked'])
   assert [r['score'] for r in single['reranked']] == [r['score'] for r in single['first']]
+  # The supernet trained and scored data parallel: the same scores everywhere.
+  assert multi[0]['supernet'] == multi[1]['supernet'] == single['supernet']
+  assert len(single['supernet']) == 8 and all(0 <= x <= 1 for x in single['supernet'])
   assert all(0.0 <= r['score'] <= 1.0 and r['params'] > 0 for r in single['first'])
   for arch in archs:  # the shared result.json files, written once by the training process
     name = _candidate_folder(arch)
@@ -728,47 +742,3 @@ def test_nao_search_trains_its_controller_over_two_processes_as_one(tmp_path):
   assert len(history) == 24 and any(r['source'] == 'nao' for r in history)
   assert read(multi) == (history, results)
 
-
-# -- NAO-WS: supernet training, pool scoring and re-ranking over processes ------------------------
-
-
-def test_ws_cnn_search_over_two_processes_equals_one(tmp_path):
-  """``experiments.search`` with the toy NAO-WS config (supernet of 1 cell per stage, 2 rounds)
-  in 2 processes x 1 device sharing one ``--workdir``, against 1 process x 2 devices: the
-  supernet's batches and scoring are split over the same 2-device mesh and the controller trains
-  on it; the history (every score) and the result are the same.
-  """
-  # The processes reuse what the reference compiled where the programs are the same (the
-  # single-device stand-alone finalists, the controller's proposal programs).
-  env = dict(_env(1), JAX_DISABLE_MOST_OPTIMIZATIONS='true',
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-  # No re-ranking here: each finalist compiles a stand-alone network for ~20 s, and the
-  # re-ranking's spread over processes is checked by the scratch-evaluator test above.
-  command = [sys.executable, '-m', 'experiments.search',
-             '--config=experiments/configs/nao_ws_cifar10.py:tiny', '--config.nao.rerank_top=0']
-  single, multi = tmp_path / 'single', tmp_path / 'multi'
-  start = time.monotonic()
-  _run_all([[*command, f'--workdir={single}']],
-           dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=2'), tmp_path)
-  single_s = time.monotonic() - start
-  port = _free_port()
-  outputs = _run_all([[*command, f'--workdir={multi}', *_distributed(port, i)]
-                      for i in range(2)], env, tmp_path)
-  print(f'1 process {single_s:.1f} s, 2 processes {time.monotonic() - start - single_s:.1f} s')
-  assert all('best ws_valid_accuracy' in out for out in outputs), outputs[1][-4000:]
-
-  def read(workdir):
-    with open(workdir / 'history.jsonl', encoding='utf-8') as f:
-      history = [{k: v for k, v in json.loads(line).items() if k not in ('time', 'cost')}
-                 for line in f]
-    with open(workdir / 'results.json', encoding='utf-8') as f:
-      results = {k: v for k, v in json.load(f).items() if k != 'wall_s'}
-    return history, results
-
-  history, results = read(single)
-  # Three scorings of the pool of 8 (rounds 0-2), the new architectures of rounds 0 and 1 among
-  # them.
-  assert [r['kind'] for r in history] == ['score'] * 24 and {r['round'] for r in history} == {0, 1, 2}
-  assert read(multi) == (history, results)
-  assert not [n for root, _, files in os.walk(multi) for n in files if '.tmp' in n]
