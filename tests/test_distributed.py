@@ -14,7 +14,8 @@ The reference is the same program in one process with the same number of (fake) 
 Launchers end to end: ``experiments.train_cifar`` (tiny variant, cheap cell) and
 ``experiments.train_lm`` (tiny variant, batch split on its columns) in two processes sharing one
 ``--workdir`` (only process 0 writes its plain files), stopped by ``train.max_steps``, rerun,
-resumed from the checkpoint, against one process with two devices.
+resumed from the checkpoint, against one process with two devices; then ``evaluate_cifar`` and
+``train_lm --evaluate`` in two processes score the shared run directory.
 
 The train-from-scratch evaluator: 3 candidates spread over two processes (candidate ``i`` on
 process ``i mod 2``), every result on both, equal to one process; finished candidates are read,
