@@ -8,6 +8,7 @@ the real PTB / WikiText-2 files are checked in ``tests/test_data_text.py``.)
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -299,16 +300,13 @@ def test_tiny_nao_ws_ptb_search_end_to_end(corpus_dir, tmp_path):
 # -- a preemption notice --------------------------------------------------------------------------
 
 
-def test_sigterm_mid_epoch_checkpoints_the_window_and_rerun_equals_uninterrupted(corpus_dir,
-                                                                                 tmp_path):
-  """SIGTERM train_lm mid-epoch: a checkpoint of the window reached, one line, exit 143."""
-  config = lm_config(corpus_dir, epochs=2)
-  whole = lm.train_and_evaluate(config, str(tmp_path / 'whole'))
-  preempted = tmp_path / 'preempted'
-  started = tmp_path / 'started'
+def _launch_slow_train_lm(corpus_dir, tmp_path, workdir, started) -> subprocess.Popen:
+  """``experiments.train_lm`` on ``lm_config(epochs=2)``, slowed so that a signal lands mid-run.
+
+  From its 4th window on, the launcher's process sleeps 0.3 s per window (and says so by
+  creating ``started``): an epoch of 16 windows then takes about 4 s.
+  """
   config_file = tmp_path / 'tiny_slow.py'
-  # From its 4th window on, the launcher's process sleeps 0.3 s per window (and says so with a
-  # file), so the notice lands mid-epoch.
   config_file.write_text(
       'import os, sys, time\n'
       f'sys.path.insert(0, {os.path.join(ROOT, "tests")!r})\n'
@@ -323,11 +321,31 @@ def test_sigterm_mid_epoch_checkpoints_the_window_and_rerun_equals_uninterrupted
       '  return get_batch(*args)\n'
       'text.get_batch = slow_get_batch\n'
       f'def get_config():\n  return lm_config({corpus_dir!r}, epochs=2)\n')
-  proc = subprocess.Popen(
+  return subprocess.Popen(
       [sys.executable, '-m', 'experiments.train_lm', f'--config={config_file}',
-       f'--workdir={preempted}'], cwd=ROOT,
+       f'--workdir={workdir}'], cwd=ROOT,
       env=dict(os.environ, JAX_PLATFORMS='cpu', JAX_DISABLE_MOST_OPTIMIZATIONS='true'),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _assert_same_run(a, b) -> None:
+  """The newest regular and best-valid checkpoints of two run directories are equal."""
+  for subdir in ('checkpoints', 'best'):
+    step_a, state_a = restore(str(a), subdir)
+    step_b, state_b = restore(str(b), subdir)
+    assert step_a == step_b
+    chex.assert_trees_all_equal(state_a, state_b)
+
+
+def test_sigterm_mid_epoch_checkpoints_the_window_and_rerun_equals_uninterrupted(corpus_dir,
+                                                                                 tmp_path, caplog):
+  """SIGTERM train_lm mid-epoch: a checkpoint of the window reached, one line, exit 143; then a
+  SIGKILL after the first epoch: the rerun resumes from its checkpoint. Both end as one run."""
+  config = lm_config(corpus_dir, epochs=2)
+  whole = lm.train_and_evaluate(config, str(tmp_path / 'whole'))
+  preempted = tmp_path / 'preempted'
+  started = tmp_path / 'started'
+  proc = _launch_slow_train_lm(corpus_dir, tmp_path, preempted, started)
   deadline = time.time() + 120
   while not started.exists() and proc.poll() is None and time.time() < deadline:
     time.sleep(0.02)
@@ -346,8 +364,21 @@ def test_sigterm_mid_epoch_checkpoints_the_window_and_rerun_equals_uninterrupted
   assert not (preempted / 'metrics.json').exists()
   resumed = lm.train_and_evaluate(config, str(preempted))  # the rerun, in this process
   assert comparable(resumed) == comparable(whole)
-  for subdir in ('checkpoints', 'best'):
-    step_a, a = restore(str(tmp_path / 'whole'), subdir)
-    step_b, b = restore(str(preempted), subdir)
-    assert step_a == step_b
-    chex.assert_trees_all_equal(a, b)
+  _assert_same_run(tmp_path / 'whole', preempted)
+
+  # SIGKILL (no notice) once the epoch-1 checkpoint exists, 4 s before the run could end: the
+  # rerun resumes from it and ends as the uninterrupted run.
+  killed, started = tmp_path / 'killed', tmp_path / 'started_killed'
+  proc = _launch_slow_train_lm(corpus_dir, tmp_path, killed, started)
+  deadline = time.time() + 120
+  while not (killed / 'checkpoints' / '16').exists() and proc.poll() is None:
+    assert time.time() < deadline
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate(timeout=60)
+  assert proc.returncode == -signal.SIGKILL and not (killed / 'metrics.json').exists()
+  caplog.set_level(logging.INFO, logger='absl')
+  resumed = lm.train_and_evaluate(config, str(killed))
+  assert f'resuming {killed} from step 16 ' in caplog.text
+  assert comparable(resumed) == comparable(whole)
+  _assert_same_run(tmp_path / 'whole', killed)
