@@ -8,6 +8,9 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -48,3 +51,41 @@ def test_controller_training_sharded_equals_single_device():
     print('loss', results[0][1], results[1][1])
   ''')
   assert 'loss' in out
+
+
+def test_launchers_on_8_devices_equal_one_device(tmp_path):
+  """``train_lm`` (tiny, batch 8: one column per device) on 8 fake devices ends as the same
+  command on 1 device, up to the order of float sums; ``train_cifar`` (tiny, cheap cell, batch
+  16: 2 images per device) should too, but does not yet (an expected failure, see below).
+  About 30 s on 2 cores."""
+  import json  # pylint: disable=import-outside-toplevel
+  from tests import test_distributed as dist  # pylint: disable=import-outside-toplevel
+  corpus = dist._write_corpus(tmp_path / 'corpus')  # pylint: disable=protected-access
+  metrics = {}
+  for devices in (1, 8):
+    cifar, lm = tmp_path / f'cifar{devices}', tmp_path / f'lm{devices}'
+    env = dict(dist._env(devices), JAX_DISABLE_MOST_OPTIMIZATIONS='true')  # pylint: disable=protected-access
+    dist._run_all([  # pylint: disable=protected-access
+        [sys.executable, *dist._TRAIN_CIFAR, f'--workdir={cifar}'],  # pylint: disable=protected-access
+        [sys.executable, '-m', 'experiments.train_lm',
+         '--config=experiments/configs/naonet_ptb.py:tiny', f'--config.data_dir={corpus}',
+         f'--workdir={lm}']], env, tmp_path)
+    metrics[devices] = [json.loads((run / 'metrics.json').read_text()) for run in (cifar, lm)]
+  (cifar1, lm1), (cifar8, lm8) = metrics[1], metrics[8]
+  assert cifar1['step'] == cifar8['step'] == 12 and lm1['steps'] == lm8['steps'] == 32
+  for key in ('valid_nll', 'test_nll'):
+    np.testing.assert_allclose(lm8[key], lm1[key], rtol=1e-5, err_msg=key)
+  if not np.isclose(cifar8['test_loss'], cifar1['test_loss'], rtol=1e-4):
+    # Known, not yet explained (2026-11-29): the first step's loss and grad norm are the same
+    # to every printed digit on 1, 2, 4 and 8 devices, and 2 and 4 devices stay equal to 1
+    # device, but from step 2 on 8 devices drift (grad norm 6.766 vs 6.799 at step 2 with 2
+    # images per device; 4.246 vs 4.244 with 8 per device) and end 7 % off in test loss after
+    # 12 steps. Bisected so far: the 8-way gradient of this tiny network differs from one
+    # device's by 2.6-3.5 % (global relative norm) for this cell, 0.4-1 % for cells of separable
+    # convolutions only (library or shift primitives alike), 1e-6 for identity or pool cells;
+    # every op alone at the network's shapes agrees to 1e-6; the compiled program partitions
+    # the batch only (all-reduces, no halo exchange); the augmentation agrees exactly; with
+    # XLA's optimisations on, the gap shrinks to 0.07 %.
+    pytest.xfail(f'train_cifar on 8 devices drifts from 1 device: test loss '
+                 f'{cifar8["test_loss"]:.4f} vs {cifar1["test_loss"]:.4f}')
+  assert abs(cifar8['test_accuracy'] - cifar1['test_accuracy']) <= 1 / 32  # one image at most
