@@ -55,26 +55,35 @@ def test_controller_training_sharded_equals_single_device():
 
 def test_launchers_on_8_devices_equal_one_device(tmp_path):
   """``train_lm`` (tiny, batch 8: one column per device) on 8 fake devices ends as the same
-  command on 1 device, up to the order of float sums; ``train_cifar`` (tiny, cheap cell, batch
-  16: 2 images per device) should too, but does not yet (an expected failure, see below).
-  About 30 s on 2 cores."""
+  command on 1 device, up to the order of float sums (about 15 s on 2 cores). With
+  ``NAO_SLOW_TESTS=1``, ``train_cifar`` (tiny, cheap cell, batch 16: 2 images per device) too,
+  which should also match but does not yet (an expected failure, see below)."""
   import json  # pylint: disable=import-outside-toplevel
   from tests import test_distributed as dist  # pylint: disable=import-outside-toplevel
   corpus = dist._write_corpus(tmp_path / 'corpus')  # pylint: disable=protected-access
+  # The CIFAR half reproduces a known defect (below); it runs with NAO_SLOW_TESTS=1, to keep
+  # the suite within its time budget.
+  with_cifar = bool(os.environ.get('NAO_SLOW_TESTS'))
   metrics = {}
   for devices in (1, 8):
     cifar, lm = tmp_path / f'cifar{devices}', tmp_path / f'lm{devices}'
     env = dict(dist._env(devices), JAX_DISABLE_MOST_OPTIMIZATIONS='true')  # pylint: disable=protected-access
-    dist._run_all([  # pylint: disable=protected-access
-        [sys.executable, *dist._TRAIN_CIFAR, f'--workdir={cifar}'],  # pylint: disable=protected-access
-        [sys.executable, '-m', 'experiments.train_lm',
-         '--config=experiments/configs/naonet_ptb.py:tiny', f'--config.data_dir={corpus}',
-         f'--workdir={lm}']], env, tmp_path)
-    metrics[devices] = [json.loads((run / 'metrics.json').read_text()) for run in (cifar, lm)]
-  (cifar1, lm1), (cifar8, lm8) = metrics[1], metrics[8]
-  assert cifar1['step'] == cifar8['step'] == 12 and lm1['steps'] == lm8['steps'] == 32
+    commands = [[sys.executable, '-m', 'experiments.train_lm',
+                 '--config=experiments/configs/naonet_ptb.py:tiny', f'--config.data_dir={corpus}',
+                 f'--workdir={lm}']]
+    if with_cifar:
+      commands.append([sys.executable, *dist._TRAIN_CIFAR, f'--workdir={cifar}'])  # pylint: disable=protected-access
+    dist._run_all(commands, env, tmp_path)  # pylint: disable=protected-access
+    metrics[devices] = [json.loads((run / 'metrics.json').read_text())
+                        for run in ((lm, cifar) if with_cifar else (lm,))]
+  lm1, lm8 = metrics[1][0], metrics[8][0]
+  assert lm1['steps'] == lm8['steps'] == 32
   for key in ('valid_nll', 'test_nll'):
     np.testing.assert_allclose(lm8[key], lm1[key], rtol=1e-5, err_msg=key)
+  if not with_cifar:
+    return
+  cifar1, cifar8 = metrics[1][1], metrics[8][1]
+  assert cifar1['step'] == cifar8['step'] == 12
   if not np.isclose(cifar8['test_loss'], cifar1['test_loss'], rtol=1e-4):
     # Known, not yet explained (2026-11-29): the first step's loss and grad norm are the same
     # to every printed digit on 1, 2, 4 and 8 devices, and 2 and 4 devices stay equal to 1
