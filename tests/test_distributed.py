@@ -306,6 +306,22 @@ def _no_stray_files(workdir, launches: int) -> None:
   assert len(os.listdir(workdir / 'tb')) == launches, os.listdir(workdir / 'tb')
 
 
+def _evaluate_in_two_processes(command: list[str], workdir, env: dict, tmp_path) -> dict:
+  """Runs an evaluation launcher in 2 processes on ``workdir``; returns what they printed.
+
+  Both processes print the same JSON line, only process 0 writes it to ``eval_<step>.json``, and
+  nothing is left half-written (the TensorBoard files are training's two launches).
+  """
+  port = _free_port()
+  outputs = _run_all([[sys.executable, *command, f'--workdir={workdir}', *_distributed(port, i)]
+                      for i in range(2)], env, tmp_path)
+  scored = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+  assert scored[0] == scored[1]
+  assert scored[0] == json.loads((workdir / f'eval_{scored[0]["step"]}.json').read_text())
+  _no_stray_files(workdir, launches=2)
+  return scored[0]
+
+
 def test_train_cifar_two_processes_share_a_workdir_and_resume(tmp_path):
   """2 processes x 1 device, one ``--workdir``: stopped at step 8, rerun, resumed from step 8.
 
@@ -351,16 +367,11 @@ def test_train_cifar_two_processes_share_a_workdir_and_resume(tmp_path):
   assert (shared / 'config.json').read_text() == (reference / 'config.json').read_text()
 
   # experiments.evaluate_cifar in the same 2 processes: the final checkpoint scores what the
-  # run reported, every process prints it, and only process 0 writes eval_12.json.
-  port = _free_port()
-  outputs = _run_all([[sys.executable, '-m', 'experiments.evaluate_cifar', f'--workdir={shared}',
-                       *_distributed(port, i)] for i in range(2)], env, tmp_path)
-  scored = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
-  assert scored[0] == scored[1] == json.loads((shared / 'eval_12.json').read_text())
-  assert scored[0]['step'] == 12
+  # run reported.
+  scored = _evaluate_in_two_processes(['-m', 'experiments.evaluate_cifar'], shared, env, tmp_path)
+  assert scored['step'] == 12
   for key in ('test_accuracy', 'test_loss', 'test_count'):
-    assert scored[0][key] == expected[key], key
-  _no_stray_files(shared, launches=2)
+    assert scored[key] == expected[key], key
 
 
 # -- the language model: train_lm with one shared run directory ------------------------------------
@@ -447,15 +458,10 @@ def test_train_lm_two_processes_share_a_workdir_and_resume(tmp_path):
   assert (shared / 'config.json').read_text() == (reference / 'config.json').read_text()
 
   # train_lm --evaluate in the same 2 processes: the best-valid state (epoch 2) scores the
-  # reported perplexities, every process prints them, only process 0 writes eval_<step>.json.
-  port = _free_port()
-  outputs = _run_all([[sys.executable, '-m', 'experiments.train_lm', f'--workdir={shared}',
-                       '--evaluate', *_distributed(port, i)] for i in range(2)], env, tmp_path)
-  scored = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
-  assert scored[0] == scored[1]
-  assert scored[0] == json.loads((shared / f'eval_{scored[0]["step"]}.json').read_text())
-  assert (scored[0]['valid_nll'], scored[0]['test_nll']) == (got['valid_nll'], got['test_nll'])
-  _no_stray_files(shared, launches=2)
+  # reported perplexities.
+  scored = _evaluate_in_two_processes(['-m', 'experiments.train_lm', '--evaluate'], shared, env,
+                                      tmp_path)
+  assert (scored['valid_nll'], scored['test_nll']) == (got['valid_nll'], got['test_nll'])
 
 
 def test_train_lm_refuses_a_batch_that_does_not_divide_over_the_devices(tmp_path, monkeypatch):

@@ -176,8 +176,6 @@ class SupernetEvaluator:
     # Devices: replicated state and data, batches sharded over 'data'.
     if mesh is not None:
       mesh = st.auto_mesh(mesh)
-    self.mesh = mesh  # the data mesh (None: one device)
-    if mesh is not None:
       replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
       self._data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
       put = lambda x: jax.device_put(x, replicated)
