@@ -323,7 +323,8 @@ def _evaluate_in_two_processes(command: list[str], workdir, env: dict, tmp_path)
 
 
 def test_train_cifar_two_processes_share_a_workdir_and_resume(tmp_path):
-  """2 processes x 1 device, one ``--workdir``: stopped at step 8, rerun, resumed from step 8.
+  """2 processes x 1 device, one ``--workdir``: SIGKILLed once a checkpoint exists, rerun,
+  resumed from the newest checkpoint.
 
   The reference is the uninterrupted command in 1 process with 2 (fake) devices, the same mesh;
   with one device per process every all-reduce adds the same two partial sums, so the final
@@ -340,21 +341,39 @@ def test_train_cifar_two_processes_share_a_workdir_and_resume(tmp_path):
            dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=2'), tmp_path)
   reference_s = time.monotonic() - start
 
+  # The same config, but steps after the first epoch's checkpoint (step 6) sleep 0.5 s in each
+  # process, so that the kill lands mid-run: the tiny run's remaining steps take less than the 0.2 s between
+  # two looks at the run directory.
+  slow_config = tmp_path / 'slow_tiny.py'
+  slow_config.write_text(
+      'import time\n'
+      'from experiments.configs import naonet_a_cifar10\n'
+      'from nao_jax.cnn import final\n'
+      'indices = final.EpochBatcher.indices\n'
+      'def slow_indices(self, step):\n'
+      '  if step >= 6:\n'
+      '    time.sleep(0.5)\n'
+      '  return indices(self, step)\n'
+      'final.EpochBatcher.indices = slow_indices\n'
+      'def get_config():\n'
+      '  return naonet_a_cifar10.get_config("tiny")\n')
+  slow = [f'--config={slow_config}' if a.startswith('--config=') else a for a in _TRAIN_CIFAR]
   port = _free_port()
-  _run_all([[sys.executable, *_TRAIN_CIFAR, f'--workdir={shared}', '--config.train.max_steps=8',
-             *_distributed(port, i)] for i in range(2)], env, tmp_path)
+  _run_all([[sys.executable, *slow, f'--workdir={shared}', *_distributed(port, i)]
+            for i in range(2)], env, tmp_path,
+           kill_when=lambda: (shared / 'checkpoints' / '6').is_dir())
   stopped_s = time.monotonic() - start - reference_s
-  assert sorted(os.listdir(shared / 'checkpoints')) == ['6', '8']
-  assert not (shared / 'metrics.json').exists()
-  _no_stray_files(shared, launches=1)
+  assert not (shared / 'metrics.json').exists()  # killed before the end
+  newest = max(int(n) for n in os.listdir(shared / 'checkpoints') if n.isdigit())
+  assert newest == 6, newest
 
   port = _free_port()
   outputs = _run_all([[sys.executable, *_TRAIN_CIFAR, f'--workdir={shared}',
                        *_distributed(port, i)] for i in range(2)], env, tmp_path)
-  print(f'reference {reference_s:.1f} s, two processes to step 8 {stopped_s:.1f} s, resumed '
+  print(f'reference {reference_s:.1f} s, two processes until killed {stopped_s:.1f} s, resumed '
         f'{time.monotonic() - start - reference_s - stopped_s:.1f} s')
   for out in outputs:
-    assert f'resuming {shared} from step 8 ' in out, out[-4000:]
+    assert f'resuming {shared} from step {newest} ' in out, out[-4000:]
     assert 'finished: test accuracy' in out
   _no_stray_files(shared, launches=2)
   with open(shared / 'metrics.json', encoding='utf-8') as f:
