@@ -26,6 +26,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
+def write_json_atomic(path: str, value) -> None:
+  """Writes JSON to ``path`` via a temporary file and rename: readers never see half a file."""
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+    f.write('\n')
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
 class RunCheckpointer:
   """Saves and restores ``(state pytree, metadata dict)`` pairs by integer step."""
 

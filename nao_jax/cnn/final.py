@@ -65,7 +65,7 @@ from nao_jax.config_utils import check_choice, merge_sections
 from nao_jax import parallel
 from nao_jax import preemption
 from nao_jax import spaces
-from nao_jax.checkpoint import RunCheckpointer
+from nao_jax.checkpoint import RunCheckpointer, write_json_atomic
 from nao_jax.cnn import network as network_lib
 from nao_jax.cnn import train as train_lib
 from nao_jax.data import augment
@@ -632,16 +632,6 @@ def evaluate(program: Program, state: State, images: np.ndarray, labels: np.ndar
 # -- run directory --------------------------------------------------------------------------------
 
 
-def _write_json(path: str, value) -> None:
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-    f.write('\n')
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def _config_diff(previous: dict, current: dict, ignore: tuple[str, ...] = RESUME_TOLERATED_KEYS,
                  prefix: str = '') -> list[str]:
   diffs = []
@@ -668,7 +658,7 @@ def _check_workdir_config(workdir: str, cfg, write: bool) -> None:
       raise ValueError(f'{workdir} holds a run with a different config ({"; ".join(diff)}); use '
                        'a new --workdir or the original config')
   if write:
-    _write_json(path, current)
+    write_json_atomic(path, current)
 
 
 def _restore(checkpointer: RunCheckpointer, step: int, program: Program,
@@ -873,7 +863,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       'config': cfg.to_dict(),
   }
   if metrics['finished'] and parallel.is_primary():
-    _write_json(os.path.join(workdir, 'metrics.json'), metrics)
+    write_json_atomic(os.path.join(workdir, 'metrics.json'), metrics)
   logging.info('%s: %s accuracy %.4f (error %.2f %%) after %d steps', workdir, split,
                result['accuracy'], 100 * result['error'], step)
   return metrics
@@ -937,7 +927,7 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict[s
              'eval_split': split, 'step': step, 'epochs': step / meta['steps_per_epoch'],
              'arch': space.format(arch), 'space': space.name}
   if parallel.is_primary():
-    _write_json(os.path.join(workdir, f'eval_{step}.json'), metrics)
+    write_json_atomic(os.path.join(workdir, f'eval_{step}.json'), metrics)
   logging.info('%s step %d: %s accuracy %.4f', workdir, step, split, result['accuracy'])
   return metrics
 

@@ -76,7 +76,7 @@ from nao_jax.config_utils import check_choice, merge_sections
 from nao_jax import parallel
 from nao_jax import preemption
 from nao_jax import spaces
-from nao_jax.checkpoint import RunCheckpointer
+from nao_jax.checkpoint import RunCheckpointer, write_json_atomic
 from nao_jax.data import text
 from nao_jax.progress import ScalarWriter
 from nao_jax.rnn import model as model_lib
@@ -394,16 +394,6 @@ def evaluate_split(params, ids: np.ndarray, batch_size: int, bptt: int,
 # -- run directory --------------------------------------------------------------------------------
 
 
-def _write_json(path: str, value) -> None:
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-    f.write('\n')
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def _config_diff(previous: dict, current: dict, prefix: str = '') -> list[str]:
   diffs = []
   for key in sorted(set(previous) | set(current)):
@@ -429,7 +419,7 @@ def _check_workdir_config(workdir: str, cfg, write: bool) -> None:
       raise ValueError(f'{workdir} holds a run with a different config ({"; ".join(diff)}); use '
                        'a new --workdir or the original config')
   if write:
-    _write_json(path, current)
+    write_json_atomic(path, current)
 
 
 def _duration(seconds: float) -> str:
@@ -737,7 +727,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       'wall_s': wall_before + time.time() - start_time, 'config': cfg.to_dict(),
   })
   if parallel.is_primary():
-    _write_json(metrics_path, result)
+    write_json_atomic(metrics_path, result)
   logging.info('%s: best valid ppl %.2f (epoch %d), test ppl %s', workdir, valid['ppl'],
                best_meta['best_epoch'],
                f'{test["ppl"]:.2f}' if test['ppl'] is not None else 'not evaluated')
@@ -801,7 +791,7 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None,
             'test_ppl': test['ppl'], 'step': step, 'epoch': meta['epoch'],
             'arch': space.format(arch), 'space': space.name, 'which': which}
   if parallel.is_primary():
-    _write_json(os.path.join(workdir, f'eval_{step}.json'), result)
+    write_json_atomic(os.path.join(workdir, f'eval_{step}.json'), result)
   logging.info('%s %s step %d: valid ppl %.2f, test ppl %.2f', workdir, which, step,
                valid['ppl'], test['ppl'])
   return result

@@ -79,14 +79,3 @@ class History:
   def close(self) -> None:
     if self._file is not None:
       self._file.close()
-
-
-def write_json_atomic(path: str, value) -> None:
-  """Writes JSON to ``path`` via a temporary file and rename: readers never see half a file."""
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-    f.write('\n')
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)

@@ -31,7 +31,8 @@ import numpy as np
 
 from nao_jax import parallel
 from nao_jax.search.evaluators import Evaluator
-from nao_jax.search.history import History, write_json_atomic
+from nao_jax.checkpoint import write_json_atomic
+from nao_jax.search.history import History
 from nao_jax.progress import Progress, ScalarWriter, plot_best_so_far
 
 # Config keys that may differ between the run that created a directory and a resumed one.
