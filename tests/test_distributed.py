@@ -341,9 +341,9 @@ def test_train_cifar_two_processes_share_a_workdir_and_resume(tmp_path):
            dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=2'), tmp_path)
   reference_s = time.monotonic() - start
 
-  # The same config, but steps after the first epoch's checkpoint (step 6) sleep 0.5 s in each
-  # process, so that the kill lands mid-run: the tiny run's remaining steps take less than the 0.2 s between
-  # two looks at the run directory.
+  # The same config, but steps after the first epoch's checkpoint (step 6) sleep 2 s in each
+  # process, so that the kill lands mid-run: the tiny run's remaining steps otherwise take less
+  # than the 0.2 s between two looks at the run directory. The rerun is not slowed.
   slow_config = tmp_path / 'slow_tiny.py'
   slow_config.write_text(
       'import time\n'
@@ -352,7 +352,7 @@ def test_train_cifar_two_processes_share_a_workdir_and_resume(tmp_path):
       'indices = final.EpochBatcher.indices\n'
       'def slow_indices(self, step):\n'
       '  if step >= 6:\n'
-      '    time.sleep(0.5)\n'
+      '    time.sleep(2.0)\n'
       '  return indices(self, step)\n'
       'final.EpochBatcher.indices = slow_indices\n'
       'def get_config():\n'
