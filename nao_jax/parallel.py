@@ -30,24 +30,26 @@ two loopback CPU processes only, never on GPUs or TPUs):
 * the data-parallel code paths put their batches on a mesh over all processes' devices
   (``cnn/final.py``: ``train_cifar`` / ``evaluate_cifar``; ``rnn/lm.py``: ``train_lm``, whose
   time-major ``[T, B]`` windows are split on the batch axis 1, as the ``ws_rnn`` evaluator's;
-  the ``ws_cnn`` evaluator with ``data_parallel``). The ``scratch_cnn`` evaluator and NAO-WS re-ranking spread their
-  candidates over the processes (candidate ``i`` on process ``i mod process_count``, each on one
-  local device; ``spread_over_processes``) and exchange the results with ``exchange_json``. A
-  search's controller trains data parallel over the mesh when its minibatch splits evenly over
-  all devices (``search/nao.py``), and proposes from a local copy of its replicated parameters;
-  the tabular evaluator is repeated by every process.
+  the ``ws_cnn`` evaluator with ``data_parallel``). The ``scratch_cnn`` evaluator and NAO-WS
+  re-ranking spread their candidates over the processes (candidate ``i`` on process
+  ``i mod process_count``, each on one local device; ``spread_over_processes``) and exchange the
+  results with ``exchange_json``. A search's controller trains data parallel over the mesh when
+  its minibatch splits evenly over all devices (``search/nao.py``), and proposes from a local
+  copy of its replicated parameters; the tabular evaluator is repeated by every process.
 
 Checked (``tests/test_distributed.py``, 2 loopback processes against one process with the same 2
-devices, equal floats): ``train_cifar`` and ``train_lm`` sharing one ``--workdir``, stopped by
-``train.max_steps`` and rerun, resume and end with the same metrics, and ``evaluate_cifar`` /
-``train_lm --evaluate`` then score the run as training reported; the ``scratch_cnn`` evaluator
-and ``ws_cnn`` re-ranking train each candidate once, on its process, and return every result;
-a tabular NAO ``search`` SIGKILLed after its first round and rerun. ``tests/test_distributed_rnn.py``: a toy NAO-WS
-RNN ``search`` (the ``ws_rnn`` supernet's columns split over the mesh) killed after a mid-epoch
-supernet checkpoint and rerun. Not run with several processes: the CNN supernet's resume after a
-kill (the RNN one's is); a toy NAO-WS CNN search over 2 processes gave 1 process's history
-and result when run by hand (2026-11-29), but is not a test (its supernet compiles cost the CI
-budget too much).
+devices, equal floats): ``train_cifar`` SIGKILLed after its first epoch's checkpoint and
+``train_lm`` stopped by ``train.max_steps``, both sharing one ``--workdir``, rerun, resume and end
+with the same metrics, and ``evaluate_cifar`` / ``train_lm --evaluate`` then score the run as
+training reported; the ``scratch_cnn`` evaluator and ``ws_cnn`` re-ranking train each candidate
+once, on its process, and return every result; a tabular NAO ``search`` SIGKILLed after its
+first round and rerun. ``tests/test_distributed_rnn.py``: a toy NAO-WS RNN ``search`` (the
+``ws_rnn`` supernet's columns split over the mesh) killed after a mid-epoch supernet checkpoint
+and rerun. ``tests/test_sharding.py``: 8 fake devices against 1 (the controller, ``train_lm``,
+``train_cifar``, and a CNN cell's gradient in float64). Not run with several processes: the CNN
+supernet's resume after a kill (the RNN one's is); a toy NAO-WS CNN search over 2 processes gave
+1 process's history and result when run by hand (2026-11-29), but is not a test (its supernet
+compiles cost the CI budget too much).
 """
 
 from __future__ import annotations

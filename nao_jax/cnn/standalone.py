@@ -47,7 +47,7 @@ import numpy as np
 import optax
 
 from nao_jax import parallel
-from nao_jax.checkpoint import LocalCheckpointer, RunCheckpointer
+from nao_jax.checkpoint import LocalCheckpointer, RunCheckpointer, write_json_atomic
 from nao_jax.cnn import final
 from nao_jax.cnn import network as network_lib
 from nao_jax.cnn import train as train_lib
@@ -275,16 +275,6 @@ def _restore(checkpointer: RunCheckpointer | LocalCheckpointer, step: int, progr
   return jax.device_put(state, device), meta
 
 
-def _write_json(path: str, value) -> None:
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-    f.write('\n')
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def finished_result(workdir: str | None) -> dict | None:
   """The ``result.json`` of a finished training in ``workdir``, or None."""
   if workdir is None:
@@ -437,7 +427,7 @@ def train_candidate(space: SearchSpace, arch: np.ndarray, cfg: StandaloneConfig,
       'cost': wall_before + time.time() - started, 'arch': space.format(arch),
   }
   if workdir is not None and (process_local or parallel.is_primary()):
-    _write_json(os.path.join(workdir, 'result.json'), result)
+    write_json_atomic(os.path.join(workdir, 'result.json'), result)
   return result
 
 
