@@ -229,3 +229,19 @@ def test_mutation_changes_exactly_one_field_to_a_valid_value(space):
     child = space.mutate(arch, rng)
     space.validate(child)
     assert np.sum(child != arch) == 1
+
+
+@pytest.mark.parametrize('space', ALL_SPACES, ids=lambda s: s.name)
+def test_neighbours_are_every_single_field_change(space):
+  """``neighbours`` lists exactly the architectures ``mutate`` can return, each once."""
+  rng = np.random.default_rng(1)
+  for arch in space.sample(rng, 5):
+    found = space.neighbours(arch)
+    assert found.shape == (int(np.sum(space._field_choices() - 1)), *space.arch_shape)
+    assert found.dtype == np.int32
+    assert all(np.sum(n != arch) == 1 for n in found)
+    for neighbour in found:
+      space.validate(neighbour)
+    keys = {n.tobytes() for n in found}
+    assert len(keys) == len(found)
+    assert all(space.mutate(arch, rng).tobytes() in keys for _ in range(20))

@@ -66,6 +66,14 @@ class NaoSearchConfig:
       the few evaluated architectures, as in SemiNAS (Luo et al. 2020), which extends NAO with
       unlabeled architectures. 0 (official NAO) trains on the evaluated pool only. Drawn once
       per search from the seed, so a resumed search uses the same ones.
+    mutations_per_round: this many of a round's places go to the predictor's favourites among
+      the unseen one-edit neighbours (``SearchSpace.neighbours``) of the ``top_k`` seeds, the
+      rest to the embedding step's decodes as usual; places the decodes cannot fill also go to
+      neighbours before random architectures. Recorded with source ``'mutation'``. 0 (official
+      NAO) evaluates decodes only. A deviation from NAO's generator, for long tabular searches:
+      each seed follows a single gradient direction, and late in a search the step stops
+      reaching the one better neighbour of the best architectures even when the predictor
+      ranks it near the top (benchmarks/README.md, NAS-Bench-201).
     rerank_top: with a non-stationary evaluator (a supernet) that can ``rerank``, the best
       ``rerank_top`` architectures of the last round are re-scored by it at the end (PT-V1:
       top 5 by short stand-alone training) and the best of those is the result.
@@ -86,14 +94,16 @@ class NaoSearchConfig:
   rerank_top: int = 5
   warm_epochs: int = 0
   unlabeled: int = 0
+  mutations_per_round: int = 0
 
   def __post_init__(self):
     if self.pool_policy not in POOL_POLICIES:
       raise ValueError(f'nao.pool_policy = {self.pool_policy!r}; choose one of {POOL_POLICIES}')
     if self.exclude not in ('evaluated', 'pool'):
       raise ValueError(f"nao.exclude must be 'evaluated' or 'pool', got {self.exclude!r}")
-    if self.unlabeled < 0:
-      raise ValueError(f'nao.unlabeled must be >= 0, got {self.unlabeled}')
+    for field in ('unlabeled', 'mutations_per_round'):
+      if getattr(self, field) < 0:
+        raise ValueError(f'nao.{field} must be >= 0, got {getattr(self, field)}')
     for field in ('seed_pool_size', 'top_k', 'num_new', 'eta_chunk'):
       if getattr(self, field) < 1:
         raise ValueError(f'nao.{field} must be >= 1, got {getattr(self, field)}')
@@ -170,27 +180,36 @@ def nao_search(run: SearchRun, cfg: NaoSearchConfig, controller_cfg: ControllerC
     proposal = propose(params, controller_cfg, space, pool[:cfg.top_k], seen,
                        int(np.ceil(quota * cfg.candidates_per_new)), cfg.eta_max, direction,
                        cfg.eta_step, cfg.eta_chunk, seed_capacity=cfg.top_k)
-    new = _best_predicted(params, controller_cfg, space, proposal.archs, quota,
-                          direction)
-    n_proposed = len(new)
-    randoms = _random_archs(cfg, run, rng, seen | {space.canonical_key(a) for a in new},
-                            quota, len(new))
+    decoded = list(proposal.archs)
+    new = [decoded[i] for i in _best_predicted(
+        params, controller_cfg, space, decoded,
+        max(quota - cfg.mutations_per_round, 0), direction)]
+    mutated = []
+    if cfg.mutations_per_round:
+      neighbours = _unseen_neighbours(space, pool[:cfg.top_k],
+                                      seen | {space.canonical_key(a) for a in decoded})
+      mutated = [neighbours[i] for i in _best_predicted(
+          params, controller_cfg, space, neighbours, quota - len(new), direction)]
+    n_proposed = len(new) + len(mutated)
+    randoms = _random_archs(cfg, run, rng,
+                            seen | {space.canonical_key(a) for a in new + mutated},
+                            quota, n_proposed)
     if stationary:  # evaluate now; a supernet scores them with the pool next round
-      if new:
-        run.query(new, round_index, 'nao')
-      if randoms:
-        run.query(randoms, round_index, 'random')
+      for archs, source in ((new, 'nao'), (mutated, 'mutation'), (randoms, 'random')):
+        if archs:
+          run.query(archs, round_index, source)
     else:
-      run.reserve(new + randoms)
+      run.reserve(new + mutated + randoms)
     predicted = predict_in_chunks(params, controller_cfg, space.to_tokens(pool))
     logging.info('round %d: controller loss %.4f (mse %.4f, ce %.4f), pool pairwise acc %.3f; '
-                 'proposed %d (eta <= %g), random %d; best %.4f; %.1fs', round_index,
-                 stats['loss'], stats['mse'], stats['ce'],
-                 metrics.pairwise_accuracy(targets, np.asarray(predicted)), n_proposed,
-                 proposal.max_eta, len(randoms), run.best_record['score'], time.time() - started)
+                 'proposed %d (eta <= %g), mutations %d, random %d; best %.4f; %.1fs',
+                 round_index, stats['loss'], stats['mse'], stats['ce'],
+                 metrics.pairwise_accuracy(targets, np.asarray(predicted)), len(new),
+                 proposal.max_eta, len(mutated), len(randoms), run.best_record['score'],
+                 time.time() - started)
     for name, value in stats.items():
       run.writer.scalar(f'controller/{name}', value, round_index)
-    pool = _update_pool(cfg, pool, new + randoms)
+    pool = _update_pool(cfg, pool, new + mutated + randoms)
     round_index += 1
     state = {'controller': controller, 'key': state['key']}
     checkpointer.save(round_index, state, _meta(round_index, pool, rng, run.queries))
@@ -270,14 +289,27 @@ def _train_controller(controller, cfg: ControllerConfig, space, pool, targets, u
   return controller, {k: float(_local_copy(v, mesh)) for k, v in stats.items()}
 
 
-def _best_predicted(params, cfg: ControllerConfig, space, archs: np.ndarray, n: int,
-                    direction: int) -> list[np.ndarray]:
-  """The ``n`` candidates with the best predicted scores, in proposal order when not ranking."""
+def _best_predicted(params, cfg: ControllerConfig, space, archs: list[np.ndarray], n: int,
+                    direction: int) -> np.ndarray:
+  """Indices of the ``n`` candidates with the best predicted scores, ascending."""
   if len(archs) <= n:
-    return list(archs)
-  predicted = predict_in_chunks(params, cfg, space.to_tokens(archs))
-  order = np.argsort(-direction * predicted, kind='stable')[:n]
-  return [archs[i] for i in np.sort(order)]
+    return np.arange(len(archs))
+  if n <= 0:
+    return np.arange(0)
+  predicted = predict_in_chunks(params, cfg, space.to_tokens(np.stack(archs)))
+  return np.sort(np.argsort(-direction * predicted, kind='stable')[:n])
+
+
+def _unseen_neighbours(space, archs: np.ndarray, taken: set) -> list[np.ndarray]:
+  """The distinct one-edit neighbours of ``archs`` whose canonical keys are not in ``taken``."""
+  taken, found = set(taken), []
+  for arch in archs:
+    for neighbour in space.neighbours(arch):
+      key = space.canonical_key(neighbour)
+      if key not in taken:
+        taken.add(key)
+        found.append(neighbour)
+  return found
 
 
 def _distinct_random(run: SearchRun, rng: np.random.Generator, n: int) -> np.ndarray:

@@ -85,6 +85,25 @@ class SearchSpace(abc.ABC):
     flat[field] = new if new < flat[field] else new + 1
     return arch
 
+  def neighbours(self, arch) -> np.ndarray:
+    """Every architecture one field away from ``arch``: ``int32[M, *arch_shape]``.
+
+    The neighbourhood ``mutate`` draws from (one field changed to another allowed value), field
+    by field in order, values ascending; M is the sum over fields of (choices - 1).
+    """
+    arch = self.validate(arch)
+    flat = arch.reshape(-1)
+    rows = []
+    for field, choices in enumerate(self._field_choices()):
+      for value in range(int(choices)):
+        if value != flat[field]:
+          row = flat.copy()
+          row[field] = value
+          rows.append(row)
+    if not rows:
+      return np.zeros((0, *self.arch_shape), np.int32)
+    return np.stack(rows).reshape(-1, *self.arch_shape).astype(np.int32)
+
   @abc.abstractmethod
   def _field_choices(self) -> np.ndarray:
     """``int[prod(arch_shape)]``: number of allowed values of each field of the flat arch."""
