@@ -69,7 +69,8 @@ class NaoSearchConfig:
     mutations_per_round: this many of a round's places go to the predictor's favourites among
       the unseen one-edit neighbours (``SearchSpace.neighbours``) of the ``top_k`` seeds, the
       rest to the embedding step's decodes as usual; places the decodes cannot fill also go to
-      neighbours before random architectures. Recorded with source ``'mutation'``. 0 (official
+      neighbours before random architectures. A neighbour the step also decoded competes as a
+      decode only. Recorded with source ``'mutation'``. 0 (official
       NAO) evaluates decodes only. A deviation from NAO's generator, for long tabular searches:
       each seed follows a single gradient direction, and late in a search the step stops
       reaching the one better neighbour of the best architectures even when the predictor
