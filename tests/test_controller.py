@@ -342,6 +342,32 @@ def test_controller_loss_and_gradients_do_not_depend_on_the_folded_projection():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize('attention', ['luong', 'bahdanau'])
+def test_decoder_dropout_acts_in_training_only_and_keeps_the_decoder_function(attention):
+  """The TF variant's decoder-input dropout: off at evaluation, random in training, and the
+  unfolded projection it forces (Luong) computes the folded path's function."""
+  space = spaces.WS_SPACE
+  tokens = jnp.asarray(space.to_tokens(space.sample(np.random.default_rng(0), 4)))
+
+  def logits(rate, train, key=0):
+    cfg = tiny_config(space, attention=attention, decoder_dropout=rate)
+    params = init_controller(dataclasses.replace(cfg, decoder_dropout=0.0),
+                             jax.random.key(1)).params
+    module = Controller(cfg)
+    memory, embedding = module.apply({'params': params}, tokens, method=Controller.encode)
+    return np.asarray(module.apply({'params': params}, memory, embedding, decoder_inputs(tokens),
+                                   train, method=Controller.decode_teacher_forced,
+                                   rngs={'dropout': jax.random.key(key)}))
+
+  reference = logits(0.0, False)
+  np.testing.assert_array_equal(logits(0.3, False), reference)
+  np.testing.assert_allclose(logits(1e-9, True), reference, rtol=1e-5, atol=1e-5)
+  dropped = logits(0.3, True)
+  np.testing.assert_array_equal(logits(0.3, True), dropped)
+  assert np.abs(dropped - reference).max() > 1e-2
+  assert np.abs(logits(0.3, True, key=1) - dropped).max() > 1e-2
+
+
 def test_unlabeled_rows_train_reconstruction_only():
   """NaN targets (unlabeled architectures) count in the reconstruction loss, not in the MSE."""
   space = spaces.NB201_SPACE
