@@ -262,6 +262,28 @@ def test_launcher_errors_are_one_line(tmp_path):
   assert len(stderr.strip().splitlines()) == 1
 
 
+def test_final_configs_are_the_seed_recipe_plus_named_overrides():
+  """Each final-training config changes the shared recipe only where its recipe differs, and a
+  misspelled override is an error rather than a setting that nothing reads."""
+  from experiments.configs import (cifar_common, lm_common, naonet_a128_cifar10,
+                                   naonet_ws_cifar10, naonet_wt2)
+  seed = cifar_common.final_config('NAONet-A', None).to_dict()
+  assert naonet_a_cifar10.get_config().to_dict() == seed
+  a128 = naonet_a128_cifar10.get_config().to_dict()
+  assert a128['train']['drop_path_step_offset'] == 1 and a128['data']['cutout_style'] == 'pytorch'
+  assert {k for k in a128['train'] if a128['train'][k] != seed['train'][k]} == set(
+      cifar_common.PT_TRAIN)
+  ws = naonet_ws_cifar10.get_config('tiny')
+  assert ws.train.grad_clip == 0.0 and ws.model.layers == 1  # the variant still applies
+  wt2 = naonet_wt2.get_config('official')
+  assert wt2.dataset == 'wikitext2' and wt2.train.weight_decay == 5e-7 and wt2.train.lr == 20.0
+  with pytest.raises(KeyError, match=r"model has no setting\(s\) \['chanels'\]"):
+    cifar_common.final_config('NAONet-A', None, model=dict(chanels=36))
+  with pytest.raises(KeyError, match=r"train has no setting\(s\) \['bptt_len'\]"):
+    lm_common.final_config('NAONet-PTB', None, official_weight_decay=8e-7,
+                           train=dict(bptt_len=70))
+
+
 def test_tfds_error_names_the_requirements_file(monkeypatch):
   import importlib.util  # pylint: disable=import-outside-toplevel
   monkeypatch.setattr(importlib.util, 'find_spec', lambda name: None)

@@ -1,4 +1,7 @@
-"""The variants shared by the language-model configs (``--config=FILE:VARIANT``).
+"""What the language-model configs share: the seed recipe and the variants (``FILE:VARIANT``).
+
+``final_config`` builds the seed recipe for PTB (``naonet_ptb.py`` describes it); each config
+file names only what its recipe changes.
 
 * ``official``: the official NAO code's recipe (``NAO/rnn/train_*_final.sh``, spec §6.8): SGD at
   lr 20 switching to averaged SGD by the non-monotone trigger (NT-ASGD), with the official
@@ -10,7 +13,71 @@
 * Both: ``official,tiny``.
 """
 
+import ml_collections
+
+from experiments.configs.cifar_common import override_sections
+
 VARIANTS = ('official', 'tiny', 'runlocal')
+
+
+def final_config(arch: str, arg: str | None, *, official_weight_decay: float,
+                 dataset: str = 'ptb', model: dict | None = None,
+                 train: dict | None = None) -> ml_collections.ConfigDict:
+  """The PTB seed recipe with ``arch``, ``dataset`` and each section's overrides, then ``arg``.
+
+  Raises:
+    KeyError: an override names a key the recipe does not have.
+  """
+  config = ml_collections.ConfigDict()
+  config.seed = 1267
+  config.arch = arch
+  config.arch_string = ''
+  config.space = ''
+  config.dataset = dataset
+  config.data_dir = ''
+  config.train_tokens = 0
+  config.model = ml_collections.ConfigDict(dict(
+      emb_size=850,
+      hidden_size=850,
+      dropout=0.75,
+      dropouth=0.25,
+      dropoutx=0.75,
+      dropouti=0.2,
+      dropoute=0.0,
+      init_range=0.04,
+      output_average='exclude_s0',
+      fuse=True,
+  ))
+  config.train = ml_collections.ConfigDict(dict(
+      epochs=4000,
+      batch_size=64,
+      eval_batch_size=10,
+      test_batch_size=1,
+      bptt=35,
+      schedule='exp_decay',
+      lr=10.0,
+      lr_decay=0.9991,
+      lr_decay_start_epoch=15,
+      nonmono=5,
+      clip=0.25,
+      weight_decay=5e-7,
+      tar_beta=1e-3,
+      ar_alpha=0.0,
+      seq_p_full=0.95,
+      seq_std=5.0,
+      seq_min_len=5,
+      seq_max_delta=20,
+      pad_multiple=5,
+      max_steps=0,
+      max_rollbacks=3,
+      rollback_to='last',
+  ))
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 0
+  config.keep_checkpoints = 2
+  config.evaluate_test = True
+  override_sections(config, model=model, train=train)
+  return apply_variant(config, arg, official_weight_decay)
 
 
 def apply_variant(config, arg: str | None, official_weight_decay: float):

@@ -24,52 +24,7 @@ from experiments.configs import lm_common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.seed = 1267
-  config.arch = 'NAONet-PTB'
-  config.arch_string = ''
-  config.space = ''
-  config.dataset = 'wikitext2'
-  config.data_dir = ''
-  config.train_tokens = 0
-  config.model = ml_collections.ConfigDict(dict(
-      emb_size=700,
-      hidden_size=700,
-      dropout=0.75,
-      dropouth=0.15,
-      dropoutx=0.75,
-      dropouti=0.2,
-      dropoute=0.0,
-      init_range=0.04,
-      output_average='exclude_s0',
-      fuse=True,
-  ))
-  config.train = ml_collections.ConfigDict(dict(
-      epochs=2000,
-      batch_size=64,
-      eval_batch_size=10,
-      test_batch_size=1,
-      bptt=35,
-      schedule='exp_decay',
-      lr=10.0,
-      lr_decay=0.9991,
-      lr_decay_start_epoch=15,
-      nonmono=5,
-      clip=0.25,
-      weight_decay=5e-7,
-      tar_beta=1e-3,
-      ar_alpha=0.0,
-      seq_p_full=0.95,
-      seq_std=5.0,
-      seq_min_len=5,
-      seq_max_delta=20,
-      pad_multiple=5,
-      max_steps=0,
-      max_rollbacks=3,
-      rollback_to='last',
-  ))
-  config.log_every_steps = 50
-  config.checkpoint_every_steps = 0
-  config.keep_checkpoints = 2
-  config.evaluate_test = True
-  return lm_common.apply_variant(config, arg, official_weight_decay=5e-7)
+  return lm_common.final_config('NAONet-PTB', arg, official_weight_decay=5e-7,
+                                dataset='wikitext2',
+                                model=dict(emb_size=700, hidden_size=700, dropouth=0.15),
+                                train=dict(epochs=2000))
