@@ -11,9 +11,10 @@ the best validation accuracy within the first B queries of that run is the resul
 Prints ``{nao,random,evolution}_{B}_{mean,std}`` (best validation accuracy found, %, over seeds)
 as one JSON object on the last line, with ``{searcher}_sources`` (queries per history source,
 summed over seeds: ``pool``, ``nao``, ``mutation``, ``random``) and ``{searcher}_best_sources``
-(the source of each run's best architecture), which show what each generator contributed. Reference on this table (mean over 200 runs): random 91.01
-at 100 and 91.26 at 300 queries; regularized evolution (population 20, sample 5) 91.43 at 100
-and 91.57 at 300; the optimum is 91.607.
+(the source of each run's best architecture), which show what each generator contributed.
+Reference on this table (mean over 200 runs): random 91.01 at 100 and 91.26 at 300 queries;
+regularized evolution (population 20, sample 5) 91.43 at 100 and 91.57 at 300; the optimum is
+91.607.
 """
 
 import collections
@@ -57,7 +58,7 @@ def main(argv):
   config['nao'].update(json.loads(_OVERRIDES.value))
   config['controller'].update(json.loads(_CONTROLLER.value))
   evaluator = build_evaluator(config)  # read the table once for all runs
-  results, wall = {}, {}
+  results, per_searcher = {}, {}
   for searcher in _SEARCHERS.value:
     found = {b: [] for b in budgets}
     sources, best_sources = collections.Counter(), collections.Counter()
@@ -73,15 +74,15 @@ def main(argv):
         found[budget].append(best)
       print(f'{searcher} seed {seed}: ' + ', '.join(f'{b}: {found[b][-1]:.3f}' for b in budgets),
             flush=True)
-    wall[f'{searcher}_wall_s'] = time.time() - start
-    wall[f'{searcher}_sources'] = dict(sorted(sources.items()))
-    wall[f'{searcher}_best_sources'] = dict(sorted(best_sources.items()))
+    per_searcher[f'{searcher}_wall_s'] = time.time() - start
+    per_searcher[f'{searcher}_sources'] = dict(sorted(sources.items()))
+    per_searcher[f'{searcher}_best_sources'] = dict(sorted(best_sources.items()))
     for budget in budgets:
       results[f'{searcher}_{budget}_mean'] = float(np.mean(found[budget]))
       results[f'{searcher}_{budget}_std'] = float(np.std(found[budget]))
       results[f'{searcher}_{budget}_found_optimum'] = int(
           np.sum(np.isclose(found[budget], evaluator.table.accuracy.max())))
-  common.emit({**results, **wall, 'seeds': _SEEDS.value, 'first_seed': _FIRST_SEED.value,
+  common.emit({**results, **per_searcher, 'seeds': _SEEDS.value, 'first_seed': _FIRST_SEED.value,
                'optimum': float(evaluator.table.accuracy.max()),
                'nao_config': config['nao'], 'controller_config': config['controller'],
                **common.machine()})

@@ -11,6 +11,8 @@ laptop CPU: N=1, F=8, batch 16, 2 epochs of 256 synthetic images. For real data 
 
 import ml_collections
 
+from nao_jax.config_utils import merge_sections
+
 VARIANTS = ('', 'tiny', 'runlocal')
 
 # PT-V1's training differences from the TF seed recipe (``train_NAONet_*_cifar10.sh``).
@@ -29,15 +31,11 @@ def final_config(arch: str, arg: str | None, *, model: dict | None = None,
   """The seed recipe with ``arch`` and each section's ``overrides``, then the variant ``arg``.
 
   Raises:
-    KeyError: an override names a key the recipe does not have (a typo would otherwise add a
+    ValueError: an override names a key the recipe does not have (a typo would otherwise add a
       setting that nothing reads).
   """
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.arch = arch
-  config.arch_string = ''
-  config.space = ''
-  config.model = ml_collections.ConfigDict(dict(
+  recipe = dict(seed=0, arch=arch, arch_string='', space='')
+  recipe['model'] = dict(
       layers=6,
       channels=128,
       stem_multiplier=3,
@@ -50,8 +48,8 @@ def final_config(arch: str, arg: str | None, *, model: dict | None = None,
       avg_pool_exclude_pad=False,
       aux_head_tf_position=False,
       merge_convs=True,
-  ))
-  config.data = ml_collections.ConfigDict(dict(
+  )
+  recipe['data'] = dict(
       name='cifar10',
       source='auto',            # local files under data.path / $NAO_DATA_DIR, else tfds
       path='',
@@ -69,8 +67,8 @@ def final_config(arch: str, arg: str | None, *, model: dict | None = None,
       cutout_style='tf',
       tfds_data_dir='',
       cache_dir='',
-  ))
-  config.train = ml_collections.ConfigDict(dict(
+  )
+  recipe['train'] = dict(
       epochs=600,
       batch_size=128,
       eval_batch_size=100,      # TF
@@ -87,22 +85,11 @@ def final_config(arch: str, arg: str | None, *, model: dict | None = None,
       grad_clip=5.0,
       drop_path_step_offset=0,  # TF-NAO: r_step = global_step / total_steps
       max_steps=0,
-  ))
-  config.log_every_steps = 50
-  config.eval_every_epochs = 5
-  config.checkpoint_every_steps = 0
-  config.keep_checkpoints = 2
-  override_sections(config, model=model, data=data, train=train)
-  return apply_variant(config, arg)
-
-
-def override_sections(config, **sections):
-  """Updates each named section of ``config`` with its dict; unknown keys raise ``KeyError``."""
-  for name, overrides in sections.items():
-    unknown = sorted(set(overrides or {}) - set(config[name]))
-    if unknown:
-      raise KeyError(f'{name} has no setting(s) {unknown}')
-    config[name].update(overrides or {})
+  )
+  recipe.update(log_every_steps=50, eval_every_epochs=5, checkpoint_every_steps=0,
+                keep_checkpoints=2)
+  overrides = {'model': model or {}, 'data': data or {}, 'train': train or {}}
+  return apply_variant(ml_collections.ConfigDict(merge_sections(recipe, overrides)), arg)
 
 
 def apply_variant(config, arg: str | None):

@@ -15,7 +15,7 @@ file names only what its recipe changes.
 
 import ml_collections
 
-from experiments.configs.cifar_common import override_sections
+from nao_jax.config_utils import merge_sections
 
 VARIANTS = ('official', 'tiny', 'runlocal')
 
@@ -26,17 +26,11 @@ def final_config(arch: str, arg: str | None, *, official_weight_decay: float,
   """The PTB seed recipe with ``arch``, ``dataset`` and each section's overrides, then ``arg``.
 
   Raises:
-    KeyError: an override names a key the recipe does not have.
+    ValueError: an override names a key the recipe does not have.
   """
-  config = ml_collections.ConfigDict()
-  config.seed = 1267
-  config.arch = arch
-  config.arch_string = ''
-  config.space = ''
-  config.dataset = dataset
-  config.data_dir = ''
-  config.train_tokens = 0
-  config.model = ml_collections.ConfigDict(dict(
+  recipe = dict(seed=1267, arch=arch, arch_string='', space='', dataset=dataset, data_dir='',
+                train_tokens=0)
+  recipe['model'] = dict(
       emb_size=850,
       hidden_size=850,
       dropout=0.75,
@@ -47,8 +41,8 @@ def final_config(arch: str, arg: str | None, *, official_weight_decay: float,
       init_range=0.04,
       output_average='exclude_s0',
       fuse=True,
-  ))
-  config.train = ml_collections.ConfigDict(dict(
+  )
+  recipe['train'] = dict(
       epochs=4000,
       batch_size=64,
       eval_batch_size=10,
@@ -71,13 +65,11 @@ def final_config(arch: str, arg: str | None, *, official_weight_decay: float,
       max_steps=0,
       max_rollbacks=3,
       rollback_to='last',
-  ))
-  config.log_every_steps = 50
-  config.checkpoint_every_steps = 0
-  config.keep_checkpoints = 2
-  config.evaluate_test = True
-  override_sections(config, model=model, train=train)
-  return apply_variant(config, arg, official_weight_decay)
+  )
+  recipe.update(log_every_steps=50, checkpoint_every_steps=0, keep_checkpoints=2,
+                evaluate_test=True)
+  config = merge_sections(recipe, {'model': model or {}, 'train': train or {}})
+  return apply_variant(ml_collections.ConfigDict(config), arg, official_weight_decay)
 
 
 def apply_variant(config, arg: str | None, official_weight_decay: float):

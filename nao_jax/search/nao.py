@@ -70,8 +70,8 @@ class NaoSearchConfig:
       the unseen one-edit neighbours (``SearchSpace.neighbours``) of the ``top_k`` seeds, the
       rest to the embedding step's decodes as usual; places the decodes cannot fill also go to
       neighbours before random architectures. A neighbour the step also decoded competes as a
-      decode only. Recorded with source ``'mutation'``. 0 (official
-      NAO) evaluates decodes only. A deviation from NAO's generator, for long tabular searches:
+      decode only. Recorded with source ``'mutation'``. 0 (official NAO) evaluates decodes
+      only. A deviation from NAO's generator, for long tabular searches:
       each seed follows a single gradient direction, and late in a search the step stops
       reaching the one better neighbour of the best architectures even when the predictor
       ranks it near the top (benchmarks/README.md, NAS-Bench-201).
@@ -191,10 +191,9 @@ def nao_search(run: SearchRun, cfg: NaoSearchConfig, controller_cfg: ControllerC
                                       seen | {space.canonical_key(a) for a in decoded})
       mutated = [neighbours[i] for i in _best_predicted(
           params, controller_cfg, space, neighbours, quota - len(new), direction)]
-    n_proposed = len(new) + len(mutated)
     randoms = _random_archs(cfg, run, rng,
                             seen | {space.canonical_key(a) for a in new + mutated},
-                            quota, n_proposed)
+                            quota, len(new) + len(mutated))
     if stationary:  # evaluate now; a supernet scores them with the pool next round
       for archs, source in ((new, 'nao'), (mutated, 'mutation'), (randoms, 'random')):
         if archs:
@@ -293,10 +292,10 @@ def _train_controller(controller, cfg: ControllerConfig, space, pool, targets, u
 def _best_predicted(params, cfg: ControllerConfig, space, archs: list[np.ndarray], n: int,
                     direction: int) -> np.ndarray:
   """Indices of the ``n`` candidates with the best predicted scores, ascending."""
-  if len(archs) <= n:
-    return np.arange(len(archs))
   if n <= 0:
     return np.arange(0)
+  if len(archs) <= n:
+    return np.arange(len(archs))
   predicted = predict_in_chunks(params, cfg, space.to_tokens(np.stack(archs)))
   return np.sort(np.argsort(-direction * predicted, kind='stable')[:n])
 
