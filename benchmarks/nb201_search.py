@@ -10,8 +10,9 @@ the best validation accuracy within the first B queries of that run is the resul
 
 Prints ``{nao,random,evolution}_{B}_{mean,std}`` (best validation accuracy found, %, over seeds)
 as one JSON object on the last line, with ``{searcher}_sources`` (queries per history source,
-summed over seeds: ``pool``, ``nao``, ``mutation``, ``random``) and ``{searcher}_best_sources``
-(the source of each run's best architecture), which show what each generator contributed.
+summed over seeds: ``pool``, ``nao``, ``mutation``, ``screened``, ``random``) and
+``{searcher}_best_sources`` (the source of each run's best architecture), which show what each
+generator contributed.
 Reference on this table (mean over 200 runs): random 91.01 at 100 and 91.26 at 300 queries;
 regularized evolution (population 20, sample 5) 91.43 at 100 and 91.57 at 300; the optimum is
 91.607.

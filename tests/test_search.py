@@ -95,23 +95,28 @@ def test_nao_rounds_use_the_controller_and_are_deterministic(table_path, tmp_pat
   assert os.path.isdir(tmp_path / 'a' / 'search_state')
 
 
-def test_mutation_places_go_to_one_edit_neighbours_of_the_seeds(table_path, tmp_path):
+def test_mutation_and_screened_places_follow_their_rules(table_path, tmp_path):
   """``nao.mutations_per_round``: that many places per round go to one-edit neighbours of the
-  round's seeds (the best ``top_k`` evaluated so far); the rest stay the embedding step's."""
-  nao = dict(TINY_NAO, mutations_per_round=1)
+  round's seeds (the best ``top_k`` evaluated so far); ``nao.screened_per_round`` places go to
+  random architectures at least ``screen_min_edits`` fields from the round's ``num_new`` best;
+  the rest stay the embedding step's."""
+  nao = dict(TINY_NAO, mutations_per_round=1, screened_per_round=1, screen_min_edits=3)
   results = run_search(config(table_path, nao=nao), str(tmp_path))
   history = read_history(tmp_path)
   assert results['queries'] == len(history) == 40 and len({r['arch'] for r in history}) == 40
   for round_index in range(results['rounds']):
     records = [r for r in history if r['round'] == round_index and r['source'] != 'pool']
     earlier = [r for r in history if r['query'] < records[0]['query']]
-    seeds = sorted(earlier, key=lambda r: -r['score'])[:TINY_NAO['top_k']]
+    ranked = [SPACE.parse(r['arch']) for r in sorted(earlier, key=lambda r: -r['score'])]
     sources = [r['source'] for r in records]
-    assert len(records) == 4 and sources.count('nao') <= 3 and 'mutation' in sources
+    assert len(records) == 4 and sources.count('nao') <= 2
+    assert sources.count('mutation') >= 1 and sources.count('screened') == 1
     for record in records:
+      arch = SPACE.parse(record['arch'])
       if record['source'] == 'mutation':
-        arch = SPACE.parse(record['arch'])
-        assert min(np.sum(arch != SPACE.parse(s['arch'])) for s in seeds) == 1
+        assert min(np.sum(arch != seed) for seed in ranked[:TINY_NAO['top_k']]) == 1
+      if record['source'] == 'screened':
+        assert min(np.sum(arch != best) for best in ranked[:TINY_NAO['num_new']]) >= 3
 
 
 @pytest.mark.parametrize('searcher', ['random', 'evolution', 'nao'])
@@ -238,6 +243,8 @@ def test_bad_configs_fail_before_any_work(table_path, tmp_path):
     run_search(config(table_path, nao=dict(TINY_NAO, unlabeled=-1)), str(workdir))
   with pytest.raises(ValueError, match='nao.mutations_per_round must be >= 0, got -2'):
     run_search(config(table_path, nao=dict(TINY_NAO, mutations_per_round=-2)), str(workdir))
+  with pytest.raises(ValueError, match='nao.screen_candidates must be >= 1, got 0'):
+    run_search(config(table_path, nao=dict(TINY_NAO, screen_candidates=0)), str(workdir))
   with pytest.raises(ValueError, match="searcher = 'bayes'"):
     run_search(config(table_path, searcher='bayes'), str(workdir))
   assert not workdir.exists()

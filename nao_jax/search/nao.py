@@ -75,6 +75,18 @@ class NaoSearchConfig:
       each seed follows a single gradient direction, and late in a search the step stops
       reaching the one better neighbour of the best architectures even when the predictor
       ranks it near the top (benchmarks/README.md, NAS-Bench-201).
+    screened_per_round: this many of a round's places go to the predictor's favourites among
+      ``screen_candidates`` uniformly random unseen architectures (source ``'screened'``),
+      after the decodes and mutations and before any random fill. The step and the mutations
+      both start from the ``top_k`` best architectures; this exploration does not, so a search
+      that has settled around one local optimum can still reach another region the predictor
+      likes. 0 (official NAO) screens nothing. A deviation from NAO's generator (predictor-
+      ranked random candidates, one of the acquisition optimizers BANANAS compares).
+    screen_candidates: random architectures drawn per round for ``screened_per_round``.
+    screen_min_edits: screened candidates differ from each of the round's ``num_new`` best
+      architectures in at least this many fields of the architecture array (0: no
+      constraint; NAS-Bench-201 has 6, one op per edge), so that exploration leaves the
+      region the search is in rather than ranking the best's near neighbours first.
     rerank_top: with a non-stationary evaluator (a supernet) that can ``rerank``, the best
       ``rerank_top`` architectures of the last round are re-scored by it at the end (PT-V1:
       top 5 by short stand-alone training) and the best of those is the result.
@@ -96,16 +108,19 @@ class NaoSearchConfig:
   warm_epochs: int = 0
   unlabeled: int = 0
   mutations_per_round: int = 0
+  screened_per_round: int = 0
+  screen_candidates: int = 1000
+  screen_min_edits: int = 0
 
   def __post_init__(self):
     if self.pool_policy not in POOL_POLICIES:
       raise ValueError(f'nao.pool_policy = {self.pool_policy!r}; choose one of {POOL_POLICIES}')
     if self.exclude not in ('evaluated', 'pool'):
       raise ValueError(f"nao.exclude must be 'evaluated' or 'pool', got {self.exclude!r}")
-    for field in ('unlabeled', 'mutations_per_round'):
+    for field in ('unlabeled', 'mutations_per_round', 'screened_per_round', 'screen_min_edits'):
       if getattr(self, field) < 0:
         raise ValueError(f'nao.{field} must be >= 0, got {getattr(self, field)}')
-    for field in ('seed_pool_size', 'top_k', 'num_new', 'eta_chunk'):
+    for field in ('seed_pool_size', 'top_k', 'num_new', 'eta_chunk', 'screen_candidates'):
       if getattr(self, field) < 1:
         raise ValueError(f'nao.{field} must be >= 1, got {getattr(self, field)}')
     if self.candidates_per_new < 1.0:
@@ -182,34 +197,46 @@ def nao_search(run: SearchRun, cfg: NaoSearchConfig, controller_cfg: ControllerC
                        int(np.ceil(quota * cfg.candidates_per_new)), cfg.eta_max, direction,
                        cfg.eta_step, cfg.eta_chunk, seed_capacity=cfg.top_k)
     decoded = list(proposal.archs)
+    screened_quota = min(cfg.screened_per_round, quota)
     new = [decoded[i] for i in _best_predicted(
         params, controller_cfg, space, decoded,
-        max(quota - cfg.mutations_per_round, 0), direction)]
+        max(quota - cfg.mutations_per_round - screened_quota, 0), direction)]
     mutated = []
     if cfg.mutations_per_round:
       neighbours = _unseen_neighbours(space, pool[:cfg.top_k],
                                       seen | {space.canonical_key(a) for a in decoded})
       mutated = [neighbours[i] for i in _best_predicted(
-          params, controller_cfg, space, neighbours, quota - len(new), direction)]
-    randoms = _random_archs(cfg, run, rng,
-                            seen | {space.canonical_key(a) for a in new + mutated},
-                            quota, len(new) + len(mutated))
+          params, controller_cfg, space, neighbours,
+          quota - screened_quota - len(new), direction)]
+    screened = []
+    if screened_quota:
+      candidates = _unseen(space, space.sample(rng, cfg.screen_candidates),
+                           seen | {space.canonical_key(a) for a in decoded + mutated})
+      candidates = _far_from(candidates, pool[:cfg.num_new], cfg.screen_min_edits)
+      screened = [candidates[i] for i in _best_predicted(
+          params, controller_cfg, space, candidates, quota - len(new) - len(mutated),
+          direction)]
+    chosen = new + mutated + screened
+    randoms = _random_archs(cfg, run, rng, seen | {space.canonical_key(a) for a in chosen},
+                            quota, len(chosen))
     if stationary:  # evaluate now; a supernet scores them with the pool next round
-      for archs, source in ((new, 'nao'), (mutated, 'mutation'), (randoms, 'random')):
+      for archs, source in ((new, 'nao'), (mutated, 'mutation'), (screened, 'screened'),
+                            (randoms, 'random')):
         if archs:
           run.query(archs, round_index, source)
     else:
-      run.reserve(new + mutated + randoms)
+      run.reserve(chosen + randoms)
     predicted = predict_in_chunks(params, controller_cfg, space.to_tokens(pool))
     logging.info('round %d: controller loss %.4f (mse %.4f, ce %.4f), pool pairwise acc %.3f; '
-                 'proposed %d (eta <= %g), mutations %d, random %d; best %.4f; %.1fs',
-                 round_index, stats['loss'], stats['mse'], stats['ce'],
+                 'proposed %d (eta <= %g), mutations %d, screened %d, random %d; best %.4f; '
+                 '%.1fs', round_index, stats['loss'], stats['mse'], stats['ce'],
                  metrics.pairwise_accuracy(targets, np.asarray(predicted)), len(new),
-                 proposal.max_eta, len(mutated), len(randoms), run.best_record['score'],
+                 proposal.max_eta, len(mutated), len(screened), len(randoms),
+                 run.best_record['score'],
                  time.time() - started)
     for name, value in stats.items():
       run.writer.scalar(f'controller/{name}', value, round_index)
-    pool = _update_pool(cfg, pool, new + mutated + randoms)
+    pool = _update_pool(cfg, pool, chosen + randoms)
     round_index += 1
     state = {'controller': controller, 'key': state['key']}
     checkpointer.save(round_index, state, _meta(round_index, pool, rng, run.queries))
@@ -300,16 +327,29 @@ def _best_predicted(params, cfg: ControllerConfig, space, archs: list[np.ndarray
   return np.sort(np.argsort(-direction * predicted, kind='stable')[:n])
 
 
+def _unseen(space, candidates, taken: set) -> list[np.ndarray]:
+  """The distinct ``candidates`` (an iterable of architectures) whose canonical keys are not
+  in ``taken``, in their order."""
+  taken, found = set(taken), []
+  for arch in candidates:
+    key = space.canonical_key(arch)
+    if key not in taken:
+      taken.add(key)
+      found.append(arch)
+  return found
+
+
 def _unseen_neighbours(space, archs: np.ndarray, taken: set) -> list[np.ndarray]:
   """The distinct one-edit neighbours of ``archs`` whose canonical keys are not in ``taken``."""
-  taken, found = set(taken), []
-  for arch in archs:
-    for neighbour in space.neighbours(arch):
-      key = space.canonical_key(neighbour)
-      if key not in taken:
-        taken.add(key)
-        found.append(neighbour)
-  return found
+  return _unseen(space, (n for arch in archs for n in space.neighbours(arch)), taken)
+
+
+def _far_from(candidates: list[np.ndarray], anchors: np.ndarray, min_edits: int):
+  """The ``candidates`` that differ from every row of ``anchors`` in >= ``min_edits`` fields."""
+  if not min_edits or not candidates:
+    return candidates
+  edits = (np.stack(candidates)[:, None, :] != anchors[None, :, :]).sum(-1)  # [C, A]
+  return [c for c, far in zip(candidates, edits.min(1) >= min_edits) if far]
 
 
 def _distinct_random(run: SearchRun, rng: np.random.Generator, n: int) -> np.ndarray:
