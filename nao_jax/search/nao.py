@@ -77,7 +77,8 @@ class NaoSearchConfig:
       ranks it near the top (benchmarks/README.md, NAS-Bench-201).
     screened_per_round: this many of a round's places go to the predictor's favourites among
       ``screen_candidates`` uniformly random unseen architectures (source ``'screened'``),
-      after the decodes and mutations and before any random fill. The step and the mutations
+      before any random fill; a round with fewer places than asked for (the budget's end)
+      fills screened places first, then mutations, then decodes. The step and the mutations
       both start from the ``top_k`` best architectures; this exploration does not, so a search
       that has settled around one local optimum can still reach another region the predictor
       likes. 0 (official NAO) screens nothing. A deviation from NAO's generator (predictor-
@@ -197,19 +198,18 @@ def nao_search(run: SearchRun, cfg: NaoSearchConfig, controller_cfg: ControllerC
                        int(np.ceil(quota * cfg.candidates_per_new)), cfg.eta_max, direction,
                        cfg.eta_step, cfg.eta_chunk, seed_capacity=cfg.top_k)
     decoded = list(proposal.archs)
-    screened_quota = min(cfg.screened_per_round, quota)
     new = [decoded[i] for i in _best_predicted(
         params, controller_cfg, space, decoded,
-        max(quota - cfg.mutations_per_round - screened_quota, 0), direction)]
+        max(quota - cfg.mutations_per_round - cfg.screened_per_round, 0), direction)]
     mutated = []
     if cfg.mutations_per_round:
       neighbours = _unseen_neighbours(space, pool[:cfg.top_k],
                                       seen | {space.canonical_key(a) for a in decoded})
       mutated = [neighbours[i] for i in _best_predicted(
           params, controller_cfg, space, neighbours,
-          quota - screened_quota - len(new), direction)]
+          quota - cfg.screened_per_round - len(new), direction)]
     screened = []
-    if screened_quota:
+    if cfg.screened_per_round:
       candidates = _unseen(space, space.sample(rng, cfg.screen_candidates),
                            seen | {space.canonical_key(a) for a in decoded + mutated})
       candidates = _far_from(candidates, pool[:cfg.num_new], cfg.screen_min_edits)
